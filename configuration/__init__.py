@@ -1,0 +1,3 @@
+from .configuration_attn_stream import AttnStreamConfig
+
+__all__ = ["AttnStreamConfig"]

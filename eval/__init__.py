@@ -1,0 +1,1 @@
+"""Evaluations of amformers models (they use `amformers.modeling`, never the reverse)."""

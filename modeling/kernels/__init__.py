@@ -1,0 +1,4 @@
+"""Kernels: functions of tensors and numbers only (never configs or model classes).
+
+Each fast path sits beside a plain reference implementation and a test that holds the two equal.
+"""

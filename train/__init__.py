@@ -1,0 +1,1 @@
+"""Pretraining and fine-tuning entry points (they use `amformers.modeling`, never the reverse)."""

@@ -29,6 +29,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
+    rotate_half,
 )
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -106,10 +107,20 @@ class AttnStreamAttention(nn.Module):
             "values": self.v_proj(hidden_states).view(hidden_shape),
         }
         raw = projections[self.stream] if self.stream is not None else None
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        # An attention function flagged `fuses_stream_mix` ("amformers_triton") mixes the stream inside its tile
+        # loads from the unmixed projection, the source and the weights, so the mixed tensor is never written.
+        # Only without a cache: a cache must store the mixed keys and values.
+        fused_source = None
         if self.mixes_stream:
             if stream_source is None:
                 raise ValueError(f"Layer {self.layer_idx} streams {self.stream} but received no stream source.")
-            projections[self.stream] = self.mix_stream(raw, stream_source)
+            if past_key_values is None and getattr(attention_interface, "fuses_stream_mix", False):
+                fused_source = stream_source
+            else:
+                projections[self.stream] = self.mix_stream(raw, stream_source)
 
         query_states = projections["queries"].transpose(1, 2)
         key_states = projections["keys"].transpose(1, 2)
@@ -117,13 +128,16 @@ class AttnStreamAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if fused_source is not None:
+            fused_source = fused_source.transpose(1, 2)
+            if self.stream != "values":  # RoPE is linear: rotating own and source apart equals rotating the mix
+                fused_source = fused_source * cos.unsqueeze(1) + rotate_half(fused_source) * sin.unsqueeze(1)
+            weights = self.stream_weights if self.stream_weights is not None else self.fixed_stream_weights
+            kwargs = {**kwargs, "stream_mix": (self.stream, fused_source, weights)}
 
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
         attn_output, attn_weights = attention_interface(
             self,
             query_states,

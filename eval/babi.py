@@ -1,0 +1,116 @@
+"""bAbI QA (Weston et al. 2015), zero-shot: answer accuracy on the test set of each of the 20 tasks.
+
+Reads `qaN_*_test.txt` from `../shared/data/babi/en-10k/` (relative to the project root) or `--data`. A question's
+context is every statement of its story before it (questions are left out), then the question:
+
+    "<statement> <statement> ...\\nQuestion: <question>\\nAnswer:"
+
+and the answer is scored as the continuation " <answer>". The model's answer is the candidate with the
+highest summed log-probability among every distinct answer of that task's test file (e.g. the 6 locations of
+task 1, yes/no/maybe for tasks 6 and 10), so accuracy is a ranking accuracy with a per-task chance level of
+1/#candidates, which we report next to it. bAbI is evaluation data only: never train on it.
+"""
+
+import re
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from .common import DATA_ROOT, format_table, load_model, results_path, score_continuations, write_results
+
+DEFAULT_DIR = DATA_ROOT / "babi" / "en-10k"
+PROMPT = "{story}\nQuestion: {question}\nAnswer:"
+
+
+def task_files(data_dir: str | Path = DEFAULT_DIR) -> dict[int, Path]:
+    """{task number: test file}, for the files present."""
+    files = {}
+    for path in Path(data_dir).glob("qa*_test.txt"):
+        match = re.match(r"qa(\d+)_", path.name)
+        if match:
+            files[int(match.group(1))] = path
+    return dict(sorted(files.items()))
+
+
+def parse_task(path: str | Path) -> list[dict]:
+    """Questions of one bAbI file, each with the statements of its story that precede it."""
+    questions, story = [], []
+    for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        index, _, text = line.partition(" ")
+        if not index.isdigit():
+            raise ValueError(f"{path}:{line_number}: expected 'ID text', got {line!r}.")
+        if int(index) == 1:
+            story = []
+        if "\t" in text:
+            fields = text.split("\t")
+            if len(fields) < 2:
+                raise ValueError(f"{path}:{line_number}: a question line needs 'question<TAB>answer'.")
+            questions.append({"story": list(story), "question": fields[0].strip(), "answer": fields[1].strip()})
+        else:
+            story.append(text.strip())
+    return questions
+
+
+def prompt_for(question: dict) -> str:
+    return PROMPT.format(story=" ".join(question["story"]), question=question["question"])
+
+
+def evaluate_task(model, tokenizer, questions: list[dict], candidates: list[str], batch_size: int = 16) -> dict:
+    pairs = [(prompt_for(q), " " + c) for q in questions for c in candidates]
+    scores = score_continuations(model, tokenizer, pairs, batch_size=batch_size)
+    correct = []
+    for i, q in enumerate(questions):
+        row = scores[i * len(candidates) : (i + 1) * len(candidates)]
+        best = max(range(len(candidates)), key=lambda j: row[j].logprob)
+        correct.append(candidates[best] == q["answer"])
+    return {
+        "n": len(questions),
+        "accuracy": statistics.fmean(correct),
+        "num_candidates": len(candidates),
+        "chance": 1 / len(candidates),
+    }
+
+
+def evaluate(model, tokenizer, data_dir=DEFAULT_DIR, limit: int | None = None, tasks=None, batch_size=16) -> dict:
+    per_task = {}
+    for number, path in task_files(data_dir).items():
+        if tasks and number not in tasks:
+            continue
+        questions = parse_task(path)
+        candidates = sorted({q["answer"] for q in questions})  # from the whole file, before the limit
+        result = evaluate_task(model, tokenizer, questions[:limit] if limit else questions, candidates, batch_size)
+        per_task[path.name.removesuffix("_test.txt")] = result
+    by_number = defaultdict(list)
+    for result in per_task.values():
+        by_number["accuracy"].append(result["accuracy"])
+        by_number["chance"].append(result["chance"])
+    return {
+        "mean_accuracy": statistics.fmean(by_number["accuracy"]) if per_task else float("nan"),
+        "mean_chance": statistics.fmean(by_number["chance"]) if per_task else float("nan"),
+        "per_task": per_task,
+    }
+
+
+def main(args) -> dict | None:
+    started = time.time()
+    if not task_files(args.babi_data):
+        print(f"bAbI test files not found in {args.babi_data}: skipping.")
+        return None
+    model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    result = evaluate(model, tokenizer, args.babi_data, args.limit, args.babi_tasks, args.batch_size)
+    rows = [{"task": k, **v} for k, v in result["per_task"].items()]
+    rows.append({"task": "MEAN", "accuracy": result["mean_accuracy"], "chance": result["mean_chance"]})
+    print(format_table(rows, ["task", "n", "accuracy", "chance", "num_candidates"]))
+    config = {"data": str(Path(args.babi_data).resolve()), "limit_per_task": args.limit, "prompt": PROMPT}
+    path = results_path(args.model, "babi", args.results_dir, args.name)
+    write_results(path, "babi", args.model, {"config": config, **result}, model, started, command=args.command)
+    print(f"wrote {path}")
+    return result
+
+
+def add_arguments(parser):
+    parser.add_argument("--babi-data", default=str(DEFAULT_DIR), help="folder with the qaN_*_test.txt files")
+    parser.add_argument("--babi-tasks", type=int, nargs="*", help="task numbers (default: all 20)")

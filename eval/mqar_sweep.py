@@ -1,0 +1,269 @@
+"""MQAR sweep: 2-layer, no-MLP models of every family, accuracy against recurrent state size and wall time.
+
+Families (a family whose model class is not installed is skipped with a message):
+  attention        AttnStream with attention_stream="none" (Llama attention, RoPE)
+  attn_values      AttnStream with value streams (Burns et al.)
+  palimpsa         PalimpsaConfig(metaplastic=True)                 (Bonnet et al.)
+  not_palimpsa     PalimpsaConfig(metaplastic=False)                (its non-metaplastic twin)
+  meta_mamba2      PalimpsaConfig(mixer="mamba2", metaplastic=True)
+  mamba2           PalimpsaConfig(mixer="mamba2", metaplastic=False) (Mamba2-like)
+Every model has 2 layers and no MLP (zoology's Identity state mixer: AttnStream blocks' MLPs are replaced by zero,
+Palimpsa models are built with intermediate_size=0),
+d_model in {64, 128}, d/16 heads of key dim 16 and value dim 32 (the Palimpsa MQAR configs: expand_v 2; for the
+mamba2 mixer head_dim is the SSM state size, so Mamba2 heads are 32 wide with state 16 and n_groups = heads).
+Data: eval/mqar.py, vocab 8192, (seq_len, kv pairs) in {(128, 16), (128, 32), (256, 32), (256, 64)}, power_a 0.01,
+train/test from disjoint seeds. Training: AdamW (weight decay 0.1), cosine schedule, lr in logspace(-3, -2, 3),
+early stop once test accuracy reaches 99%; the loss and logits are computed at the asked positions only.
+The reported accuracy of a (family, d, seq_len, kv) cell is the best over learning rates, as in zoology.
+Recurrent state per sequence: attention 2 * layers * seq_len * kv_heads * head_dim (its KV cache); linear
+recurrences layers * heads * d_k * d_v, twice that for metaplastic models (mean and importance states), unless
+the model reports `recurrent_state_size()` itself.
+
+The full default grid (6 families x 2 widths x 4 tasks x 3 learning rates, 5,000 examples x 8 epochs) is sized
+for a GPU: on a 2-core CPU a training step of the recurrent families takes seconds, so run slices there, e.g.
+
+    nice -n 10 python -m amformers.eval.mqar_sweep run --families attention attn_values --d-models 64 --tasks 128x16
+    python -m amformers.eval.mqar_sweep summarise                                       # -> eval/results/mqar.json
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .common import REPO_ROOT, RESULTS_ROOT, git_commit
+from .mqar import mqar, split_seed
+
+FAMILIES = ("attention", "attn_values", "palimpsa", "not_palimpsa", "meta_mamba2", "mamba2")
+DEFAULT_TASKS = ((128, 16), (128, 32), (256, 32), (256, 64))
+RUNS_DIR = REPO_ROOT / "runs" / "mqar"
+VOCAB = 8192
+
+
+class NoMLP(nn.Module):
+    """Zoology's Identity state mixer: the block adds nothing after its sequence mixer."""
+
+    def forward(self, hidden_states):
+        return torch.zeros_like(hidden_states)
+
+
+def drop_mlps(model: nn.Module) -> nn.Module:
+    for module in list(model.modules()):
+        if isinstance(getattr(module, "mlp", None), nn.Module):
+            module.mlp = NoMLP()
+    return model
+
+
+def build_model(family: str, d_model: int, seq_len: int, vocab_size: int = VOCAB):
+    """A 2-layer, MLP-free causal LM of `family`, or None when the family is not installed."""
+    heads = max(1, d_model // 16)
+    if family in ("attention", "attn_values"):
+        from amformers import AttnStreamConfig, AttnStreamForCausalLM
+
+        config = AttnStreamConfig(
+            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=4, num_hidden_layers=2,
+            num_attention_heads=heads, max_position_embeddings=seq_len, bos_token_id=None, eos_token_id=None,
+            attention_stream="none" if family == "attention" else "values",
+        )  # fmt: skip
+        return drop_mlps(AttnStreamForCausalLM(config))
+    try:
+        from amformers import PalimpsaConfig, PalimpsaForCausalLM
+    except ImportError:
+        return None
+    mamba = family in ("meta_mamba2", "mamba2")
+    config = PalimpsaConfig(
+        vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=2, num_heads=heads, head_dim=16, expand_v=2,
+        intermediate_size=0, metaplastic=family in ("palimpsa", "meta_mamba2"), bos_token_id=None, eos_token_id=None,
+        **({"mixer": "mamba2", "n_groups": heads} if mamba else {}),
+    )  # fmt: skip
+    return drop_mlps(PalimpsaForCausalLM(config))
+
+
+def recurrent_state_size(model, family: str, seq_len: int) -> int:
+    """Numbers a model keeps per sequence to continue decoding (see the module docstring)."""
+    if hasattr(model, "recurrent_state_size"):
+        return int(model.recurrent_state_size())
+    c = model.config
+    if family in ("attention", "attn_values"):
+        return 2 * c.num_hidden_layers * seq_len * c.num_key_value_heads * c.head_dim
+    d_k, d_v = c.head_dim, getattr(c, "value_dim", int(c.head_dim * getattr(c, "expand_v", 1)))
+    return c.num_hidden_layers * c.num_heads * d_k * d_v * (2 if c.metaplastic else 1)
+
+
+def asked_logits(model, inputs: torch.Tensor, labels: torch.Tensor):
+    """Logits and labels at the asked positions only (the LM head on every position would cost 10x more)."""
+    hidden = model.base_model(input_ids=inputs).last_hidden_state
+    asked = labels != -100
+    return model.lm_head(hidden[asked]), labels[asked]
+
+
+@torch.no_grad()
+def evaluate(model, inputs, labels, batch_size=256) -> float:
+    """`mqar.accuracy` of the model, with the LM head applied at the asked positions only."""
+    model.eval()
+    scores = []
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i : i + batch_size], labels[i : i + batch_size]
+        asked = y != -100
+        predictions = torch.full_like(y, -1)
+        predictions[asked] = model.lm_head(model.base_model(input_ids=x).last_hidden_state[asked]).argmax(-1)
+        scores.append(((predictions == y) & asked).sum(-1).float() / asked.sum(-1).clamp(min=1))
+    model.train()
+    return float(torch.cat(scores).mean())
+
+
+def train_one(
+    family, d_model, seq_len, kv, lr, train_examples, test_examples, epochs, batch_size, seed=0, vocab_size=VOCAB
+):
+    torch.manual_seed(seed)
+    model = build_model(family, d_model, seq_len, vocab_size)
+    if model is None:
+        return None
+    x_train, y_train = mqar(train_examples, seq_len, kv, vocab_size, seed=split_seed("train", seed))
+    x_test, y_test = mqar(test_examples, seq_len, kv, vocab_size, seed=split_seed("test", seed))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    steps_per_epoch = math.ceil(train_examples / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    started, history, best, step = time.time(), [], 0.0, 0
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(train_examples)
+        for i in range(0, train_examples, batch_size):
+            batch = order[i : i + batch_size]
+            logits, targets = asked_logits(model, x_train[batch], y_train[batch])
+            loss = nn.functional.cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+        acc = evaluate(model, x_test, y_test)
+        best = max(best, acc)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "loss": float(loss.detach()),
+                "test_accuracy": acc,
+                "seconds": time.time() - started,
+            }
+        )
+        if acc >= 0.99:
+            break
+    return {
+        "family": family, "d_model": d_model, "seq_len": seq_len, "kv_pairs": kv, "lr": lr, "seed": seed,
+        "test_accuracy": history[-1]["test_accuracy"], "best_test_accuracy": best, "steps": step,
+        "seconds": time.time() - started, "state_size": recurrent_state_size(model, family, seq_len),
+        "parameters": sum(p.numel() for p in model.parameters()), "history": history,
+        "config": {"train_examples": train_examples, "test_examples": test_examples, "epochs": epochs,
+                   "batch_size": batch_size, "vocab_size": vocab_size, "power_a": 0.01},
+    }  # fmt: skip
+
+
+def run_key(family, d, seq_len, kv, lr, seed) -> str:
+    return f"{family}-d{d}-L{seq_len}-kv{kv}-lr{lr:.2e}-s{seed}"
+
+
+def run_sweep(
+    families, d_models, tasks, lrs, train_examples, test_examples, epochs, batch_size, seeds, out_dir=RUNS_DIR,
+    vocab_size=VOCAB,
+):  # fmt: skip
+    """Every cell not in out_dir/results.jsonl yet; one line per finished run (so the sweep resumes)."""
+    torch.set_num_threads(1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / "results.jsonl"
+    done = (
+        {json.loads(line)["key"] for line in results_file.read_text().splitlines()} if results_file.is_file() else set()
+    )
+    for family in families:
+        if build_model(family, 16, 16, vocab_size=64) is None:
+            print(f"{family}: model class not available (amformers.PalimpsaConfig missing): skipped.", flush=True)
+            continue
+        for seed in seeds:
+            for d in d_models:
+                for seq_len, kv in tasks:
+                    for lr in lrs:
+                        key = run_key(family, d, seq_len, kv, lr, seed)
+                        if key in done:
+                            continue
+                        result = train_one(
+                            family,
+                            d,
+                            seq_len,
+                            kv,
+                            lr,
+                            train_examples,
+                            test_examples,
+                            epochs,
+                            batch_size,
+                            seed,
+                            vocab_size,
+                        )
+                        with results_file.open("a") as handle:
+                            handle.write(json.dumps({"key": key, **result}) + "\n")
+                        print(f"{key}: acc {result['test_accuracy']:.3f} in {result['seconds']:.0f}s", flush=True)
+
+
+def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_ROOT / "mqar.json") -> dict:
+    runs = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
+    cells: dict[tuple, dict] = {}
+    for run in runs:
+        cell = (run["family"], run["d_model"], run["seq_len"], run["kv_pairs"], run["seed"])
+        if cell not in cells or run["best_test_accuracy"] > cells[cell]["best_test_accuracy"]:
+            cells[cell] = run
+    rows = [{k: v for k, v in run.items() if k not in ("history", "key")} for run in cells.values()]
+    by_family = {}
+    for row in rows:
+        entry = by_family.setdefault(row["family"], {"state_size": [], "accuracy": [], "seconds": []})
+        entry["state_size"].append(row["state_size"])
+        entry["accuracy"].append(row["best_test_accuracy"])
+        entry["seconds"].append(row["seconds"])
+    result = {
+        "claim": "Palimpsa beats its non-metaplastic twin and Mamba2 on MQAR at equal state size (Bonnet et al.)",
+        "command": "python -m amformers.eval.mqar_sweep summarise",
+        "git_commit": git_commit(),
+        "best_over_lr": sorted(rows, key=lambda r: (r["family"], r["d_model"], r["seq_len"], r["kv_pairs"])),
+        "mean_accuracy_by_family": {f: float(np.mean(e["accuracy"])) for f, e in by_family.items()},
+        "runs": len(runs),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run")
+    run.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
+    run.add_argument("--d-models", type=int, nargs="*", default=[64, 128])
+    run.add_argument("--tasks", nargs="*", default=[f"{a}x{b}" for a, b in DEFAULT_TASKS], help="SEQLENxKV")
+    run.add_argument("--lrs", type=float, nargs="*", default=np.logspace(-3, -2, 3).tolist())
+    run.add_argument("--train-examples", type=int, default=5_000)
+    run.add_argument("--test-examples", type=int, default=1_000)
+    run.add_argument("--epochs", type=int, default=8)
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--seeds", type=int, nargs="*", default=[0])
+    run.add_argument("--out-dir", type=Path, default=RUNS_DIR)
+    commands.add_parser("summarise")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        tasks = [tuple(int(v) for v in t.split("x")) for t in args.tasks]
+        run_sweep(args.families, args.d_models, tasks, args.lrs, args.train_examples, args.test_examples, args.epochs,
+                  args.batch_size, args.seeds, args.out_dir)  # fmt: skip
+    else:
+        result = summarise()
+        print(json.dumps(result["mean_accuracy_by_family"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

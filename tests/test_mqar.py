@@ -1,0 +1,92 @@
+"""MQAR data (eval/mqar.py) against zoology's semantics, checked example by example."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from amformers.eval.mqar import accuracy, mqar, split_seed
+
+
+def test_mqar_sequences_follow_zoology():
+    vocab, length, kv = 64, 32, 4
+    inputs, labels = mqar(200, length, kv, vocab_size=vocab, seed=0)
+    assert inputs.shape == labels.shape == (200, length)
+    for x, y in zip(inputs.tolist(), labels.tolist()):
+        keys, values = x[0 : 2 * kv : 2], x[1 : 2 * kv : 2]
+        assert len(set(keys)) == kv and all(1 <= k < vocab // 2 for k in keys)
+        assert len(set(values)) == kv and all(vocab // 2 <= v < vocab for v in values)
+        pairs = dict(zip(keys, values))
+        asked = [t for t in range(length) if y[t] != -100]
+        assert len(asked) == kv
+        assert all(t >= 2 * kv and (t - 2 * kv) % 2 == 0 for t in asked)  # queries sit at even region offsets
+        assert sorted(x[t] for t in asked) == sorted(keys)  # every key is asked once
+        assert all(y[t] == pairs[x[t]] for t in asked)  # target = the value paired with the key just read
+        region = [x[t] for t in range(2 * kv, length) if t not in asked]
+        assert region == [0] * len(region)  # random_non_queries=False leaves fillers at 0
+
+
+def test_mqar_gaps_favour_short_distances_and_splits_are_disjoint():
+    inputs, labels = mqar(2000, 256, 16, seed=1)
+    offsets = ((labels != -100).nonzero()[:, 1] - 32) // 2
+    # power law a = 0.01 over 112 gaps: the first quarter of the region holds most queries
+    assert (offsets < 28).float().mean() > 0.4
+    assert split_seed("train") < 2**30 <= split_seed("test")
+    a, _ = mqar(4, 64, 4, seed=split_seed("train"))
+    b, _ = mqar(4, 64, 4, seed=split_seed("test"))
+    assert not torch.equal(a, b)
+    again, _ = mqar(4, 64, 4, seed=split_seed("train"))
+    assert torch.equal(a, again)
+
+
+def test_mqar_random_non_queries_and_errors():
+    inputs, labels = mqar(50, 64, 4, vocab_size=128, random_non_queries=True, seed=2)
+    assert (inputs[:, 8:] != 0).float().mean() > 0.9
+    with pytest.raises(ValueError, match="even"):
+        mqar(1, 63, 4)
+    with pytest.raises(ValueError, match="seq_len"):
+        mqar(1, 16, 8)
+
+
+def test_mqar_accuracy_is_per_example_mean():
+    labels = torch.tensor([[-100, 5, -100, 6], [-100, 7, -100, -100]])
+    logits = torch.zeros(2, 4, 10)
+    logits[0, 1, 5] = logits[0, 3, 1] = logits[1, 1, 7] = 1.0  # example 0: 1/2 right, example 1: 1/1 right
+    assert accuracy(logits, labels) == pytest.approx(0.75)
+    assert np.isclose(accuracy(logits, torch.full((2, 4), -100)), 0.0)
+
+
+def test_sweep_trains_a_tiny_attention_model_and_measures_like_zoology(tmp_path):
+    from amformers.eval import mqar_sweep
+
+    model = mqar_sweep.build_model("attention", 32, 32, vocab_size=64)
+    assert all(isinstance(layer.mlp, mqar_sweep.NoMLP) for layer in model.model.layers)
+    x, y = mqar(16, 32, 4, vocab_size=64, seed=3)
+    with torch.no_grad():
+        reference = accuracy(model(input_ids=x).logits, y)  # every position's logits, zoology's metric
+    assert mqar_sweep.evaluate(model, x, y, batch_size=5) == pytest.approx(reference)
+    assert mqar_sweep.recurrent_state_size(model, "attention", 32) == 2 * 2 * 32 * 32
+
+    mqar_sweep.run_sweep(["attn_values"], [32], [(32, 4)], [3e-3], 64, 32, 2, 32, [0], tmp_path, vocab_size=64)
+    (run,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert run["family"] == "attn_values" and run["steps"] == 4 and 0.0 <= run["test_accuracy"] <= 1.0
+    summary = mqar_sweep.summarise(tmp_path / "results.jsonl", tmp_path / "mqar.json")
+    assert summary["best_over_lr"][0]["state_size"] == run["state_size"]
+
+
+@pytest.mark.parametrize("family", ["palimpsa", "not_palimpsa", "meta_mamba2", "mamba2"])
+def test_sweep_builds_every_recurrent_family_without_mlp(family):
+    from amformers.eval import mqar_sweep
+
+    model = mqar_sweep.build_model(family, 32, 32, vocab_size=64)
+    if model is None:
+        pytest.skip("PalimpsaConfig is not available")
+    assert model.config.num_hidden_layers == 2 and model.config.intermediate_size == 0
+    assert model.config.metaplastic == (family in ("palimpsa", "meta_mamba2"))
+    per_state = 2 * model.config.num_heads * 16 * 32  # 2 layers x heads x d_k 16 x d_v 32
+    expected = per_state * (2 if model.config.metaplastic else 1)
+    assert mqar_sweep.recurrent_state_size(model, family, 32) == expected
+    x, y = mqar(2, 32, 4, vocab_size=64, seed=0)
+    logits, targets = mqar_sweep.asked_logits(model, x, y)
+    assert logits.shape == (8, 64) and targets.shape == (8,)

@@ -3,8 +3,8 @@
     python bench/attn_stream_speed.py            # writes bench/results/attn_stream_speed.json
 
 Every model trains (AdamW, forward + backward + step, fp32, SDPA attention) on the same random batches;
-the models take turns, `--rounds` times, and each one's best round counts, so background load on the
-machine hurts all of them alike. Throughput is reported as a ratio to Llama. MFU divides the model
+the models take turns, `--rounds` times, and each one's median round counts, so background load on
+the machine hurts all of them alike. Throughput is reported as a ratio to Llama. MFU divides the model
 FLOPs of a training step (PaLM's count: 6 x matmul parameters + 12 x layers x width x seq_len per token)
 by the fp32 matmul peak measured on this machine in the same run (`torch.mm` on 2048-square matrices).
 """
@@ -12,6 +12,7 @@ by the fp32 matmul peak measured on this machine in the same run (`torch.mm` on 
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -100,10 +101,10 @@ def main():
     peak = max(peak, matmul_peak_flops())
 
     tokens = args.steps * args.batch * args.seq_len
-    llama_tps = tokens / min(runs["llama (transformers)"]["seconds"])
+    llama_tps = tokens / statistics.median(runs["llama (transformers)"]["seconds"])
     results = []
     for name, run in runs.items():
-        tps = tokens / min(run["seconds"])
+        tps = tokens / statistics.median(run["seconds"])
         flops = training_flops_per_token(run["model"], args.seq_len)
         results.append(
             dict(

@@ -2,3 +2,7 @@
 
 Each fast path sits beside a plain reference implementation and a test that holds the two equal.
 """
+
+from .palimpsa import palimpsa_attention
+
+__all__ = ["palimpsa_attention"]

@@ -1,0 +1,523 @@
+"""Palimpsa as a transformers model: the layer against its equations, caching, padding, and the integrations."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+import amformers
+from amformers import PalimpsaConfig, PalimpsaForCausalLM, PalimpsaModel
+from amformers.modeling.kernels.palimpsa import palimpsa_reference
+from amformers.modeling.modeling_palimpsa import PalimpsaCache
+
+VARIANTS = {
+    "palimpsa": {},
+    "not_palimpsa": {"metaplastic": False},
+    "paper_gates": {"gates": "paper"},
+    "meta_mamba2": {"mixer": "mamba2", "n_groups": 2, "intermediate_size": 0},
+    "mamba2": {"mixer": "mamba2", "metaplastic": False},
+}
+
+
+def tiny_config(**overrides) -> PalimpsaConfig:
+    fields = dict(
+        vocab_size=320,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_heads=2,
+        head_dim=8,
+        expand_v=1.5,
+        intermediate_size=48,
+        beta_rank=4,
+        initializer_range=0.2,  # peaked logits, so greedy decoding has no near-ties
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return PalimpsaConfig(**fields)
+
+
+def tiny_model(**overrides) -> PalimpsaForCausalLM:
+    torch.manual_seed(0)
+    model = PalimpsaForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # gates away from their init, so a wrong gate shows (and I moves visibly)
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "b_scale", "log_window", ".D")):
+                p.add_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def ids(batch=2, length=11, vocab=320, seed=1):
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The layer against its equations, written out plainly (the official code's layer and the paper's gates).
+
+
+def reference_mixer(mixer, h):
+    """PalimpsaMixer by hand: convs, L2 norm, gates, the token-loop recurrence, D skip, gated norm."""
+    cfg = mixer.config
+    B, T, _ = h.shape
+    H, K, V = cfg.num_heads, cfg.head_dim, cfg.value_dim
+
+    def conv(x, layer):  # causal depthwise conv by explicit sums over the last conv_size inputs
+        w = layer.weight[:, 0]  # [C, width]
+        padded = F.pad(x, (0, 0, w.shape[1] - 1, 0))
+        return F.silu(sum(padded[:, i : i + T] * w[:, i] for i in range(w.shape[1])))
+
+    def unit(x):
+        return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+    q = unit(conv(mixer.q_proj(h), mixer.q_conv1d).view(B, T, H, K))
+    k = unit(conv(mixer.k_proj(h), mixer.k_conv1d).view(B, T, H, K))
+    x = conv(mixer.v_proj(h), mixer.v_conv1d).view(B, T, H, V)
+    importance = torch.sigmoid(mixer.b_proj(mixer.b_rank_proj(h))).view(B, T, H, V)
+    if cfg.gates == "paper":
+        gamma = torch.sigmoid(mixer.gamma_proj(h))
+        alpha = 1 - gamma / (cfg.window_init * mixer.log_window.exp())
+        beta = gamma[..., None] * importance
+        v = beta * x
+    else:
+        dt = F.softplus(mixer.dt_proj(h) + mixer.dt_bias)
+        alpha = torch.exp(-dt * mixer.A_log.exp())
+        gate = torch.sigmoid(mixer.bs_proj(h))[..., None]
+        beta = importance * F.softplus(mixer.b_scale)[:, None] * gate
+        v = x * gate
+    o, _ = palimpsa_reference(q, k, v, beta, alpha.log(), mixer.log_prior_precision.exp())
+    o = o + mixer.D[:, None] * x
+    g = mixer.g_proj(h).view(B, T, H, V)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * mixer.o_norm.weight * F.silu(g)
+    return mixer.o_proj(o.reshape(B, T, H * V))
+
+
+@pytest.mark.parametrize("gates", ["official", "paper"])
+def test_mixer_matches_its_equations(gates):
+    model = tiny_model(gates=gates)
+    mixer = model.model.layers[0].mixer
+    h = torch.randn(2, 13, 32)
+    with torch.no_grad():
+        out, _ = mixer(h)
+        torch.testing.assert_close(out, reference_mixer(mixer, h), atol=1e-5, rtol=1e-4)
+
+
+def test_official_initialisation():
+    model = PalimpsaForCausalLM(tiny_config(num_heads=64, hidden_size=64, head_dim=4, initializer_range=0.02))
+    mixer = model.model.layers[0].mixer
+    A = mixer.A_log.exp()
+    dt = F.softplus(mixer.dt_bias)
+    assert A.min() > 0 and A.max() <= 16
+    assert dt.min() >= 1e-3 * 0.99 and dt.max() <= 0.1 * 1.01
+    assert torch.equal(mixer.b_scale, torch.ones(64)) and torch.equal(mixer.D, torch.ones(64))
+    assert torch.equal(mixer.log_prior_precision, torch.zeros(64))  # Ip = 1, frozen: a buffer, not a parameter
+    assert not any("prior" in name for name, _ in model.named_parameters())
+    assert mixer.b_proj.weight.abs().max() <= 4**-0.5
+    assert abs(mixer.q_proj.weight.std().item() - 0.02) < 0.004
+    paper = PalimpsaForCausalLM(tiny_config(gates="paper", num_heads=64, hidden_size=64, head_dim=4)).model
+    window = paper.layers[0].mixer.log_window
+    assert window.min() >= -1.3863 and window.max() <= 1.3863
+
+
+def test_not_palimpsa_keeps_the_prior_and_has_no_importance_parameters():
+    model = tiny_model(metaplastic=False)
+    assert not any("b_proj" in name or "b_scale" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        out = model(ids(), use_cache=True)
+    for layer in out.past_key_values.layers:
+        torch.testing.assert_close(layer.recurrent_state[1], torch.ones_like(layer.recurrent_state[1]))
+    palimpsa = tiny_model()
+    with torch.no_grad():
+        state = palimpsa(ids(), use_cache=True).past_key_values.layers[0].recurrent_state[1]
+    assert state.max() > 1.01  # the metaplastic twin's precision does move
+
+
+def test_gradients_reach_every_trainable_parameter():
+    for variant in VARIANTS.values():
+        model = tiny_model(**variant).train()
+        model(ids(), labels=ids()).loss.backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+                assert p.grad.abs().sum() > 0 or name == "model.embed_tokens.weight", name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding: the cache, generate, padding
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_token_by_token_decoding_equals_full_forward(variant):
+    model = tiny_model(**VARIANTS[variant])
+    x = ids(2, 15)
+    with torch.no_grad():
+        full = model(x, output_uncertainty=True)
+        prefill = model(x[:, :6], use_cache=True, output_uncertainty=True)
+        cache, steps, variances = prefill.past_key_values, [prefill.logits], [prefill.uncertainties[1]]
+        for t in range(6, 15):
+            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True, output_uncertainty=True)
+            steps.append(out.logits)
+            variances.append(out.uncertainties[1])
+    assert cache.get_seq_length() == 15
+    torch.testing.assert_close(torch.cat(steps, 1), full.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(variances, 1), full.uncertainties[1], atol=1e-5, rtol=1e-4)
+
+
+def test_cache_size_does_not_grow_with_context():
+    model = tiny_model()
+    with torch.no_grad():
+        cache = model(ids(1, 8), use_cache=True).past_key_values
+        size_at_8 = cache.nbytes()
+        for t in range(40):
+            model(ids(1, 1, seed=t), past_key_values=cache, use_cache=True)
+    assert cache.nbytes() == size_at_8 and cache.get_seq_length() == 48
+    cfg = model.config
+    state_bytes = 2 * cfg.num_hidden_layers * 4 * cfg.num_heads * cfg.value_dim * cfg.head_dim
+    conv_bytes = cfg.num_hidden_layers * 4 * (2 * cfg.num_heads * cfg.head_dim + cfg.num_heads * cfg.value_dim) * 3
+    assert size_at_8 == state_bytes + conv_bytes
+
+
+@pytest.mark.parametrize("variant", ["palimpsa", "meta_mamba2"])
+def test_greedy_generation_with_and_without_cache(variant):
+    model = tiny_model(**VARIANTS[variant])
+    prompt = ids(2, 6)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kwargs)
+    without_cache = model.generate(prompt, use_cache=False, **kwargs)
+    assert with_cache.shape == (2, 16)
+    assert torch.equal(with_cache, without_cache)
+
+
+@pytest.mark.parametrize("variant", ["palimpsa", "not_palimpsa", "meta_mamba2"])
+def test_left_padded_batch_matches_each_prompt_alone(variant):
+    model = tiny_model(**VARIANTS[variant])
+    prompts = [ids(1, 9, seed=5)[0], ids(1, 4, seed=6)[0]]
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, 9 - len(prompt) :] = prompt
+        mask[row, 9 - len(prompt) :] = 1
+    with torch.no_grad():  # the state after the prompt is untouched by the padding
+        padded = model(batch, attention_mask=mask, use_cache=True).past_key_values
+        alone = model(prompts[1][None], use_cache=True).past_key_values
+    for a, b in zip(padded.layers, alone.layers):
+        torch.testing.assert_close(a.recurrent_state[0][1:], b.recurrent_state[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a.recurrent_state[1][1:], b.recurrent_state[1], atol=1e-6, rtol=1e-5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    together = model.generate(batch, attention_mask=mask, **kwargs)[:, 9:]
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **kwargs)[0, len(prompt) :]
+        # a sequence that stopped at eos alone is padded in the batch
+        assert torch.equal(together[row, : len(alone)], alone), row
+        assert (together[row, len(alone) :] == 0).all(), row
+
+
+def test_beam_search_and_sampling():
+    model = tiny_model()
+    prompt = ids(2, 5)
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=4, pad_token_id=0)
+    beams = model.generate(prompt, **kwargs)
+    assert beams.shape == (4, 9)
+    assert torch.equal(beams, model.generate(prompt, use_cache=False, **kwargs))  # the cache follows its beams
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, do_sample=True, top_k=20, temperature=0.9, max_new_tokens=4, pad_token_id=0)
+    assert sampled.shape == (2, 9) and int(sampled.max()) < 320
+
+
+def test_output_uncertainty_is_the_posterior_variance_readout():
+    model = tiny_model()
+    with torch.no_grad():
+        out = model(ids(2, 7), output_uncertainty=True, output_hidden_states=True)
+    cfg = model.config
+    assert len(out.uncertainties) == cfg.num_hidden_layers
+    for var in out.uncertainties:
+        assert var.shape == (2, 7, cfg.num_heads, cfg.value_dim)
+        assert (var > 0).all()
+    assert len(out.hidden_states) == cfg.num_hidden_layers + 1
+    assert model(ids(2, 7)).uncertainties is None
+
+
+def test_long_context_forward_stays_finite():
+    """65,536 tokens through a tiny model under bf16 autocast (the op alone, fp32 too: test_palimpsa_op.py)."""
+    model = tiny_model(num_hidden_layers=1, intermediate_size=8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids(1, 65536), logits_to_keep=64, use_cache=True)
+    assert torch.isfinite(out.logits).all()
+    mu, precision = out.past_key_values.layers[0].recurrent_state
+    assert mu.dtype == torch.float32 and torch.isfinite(mu).all() and torch.isfinite(precision).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors, saving, loading, the Auto classes, the kernel switch
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"mixer": "rwkv"}, "mixer"),
+        ({"gates": "learned"}, "gates"),
+        ({"mixer": "mamba2", "gates": "paper"}, "paper"),
+        ({"expand_v": 1.3}, "expand_v"),
+        ({"prior_precision": 0.0}, "prior_precision"),
+        ({"mixer": "mamba2", "n_groups": 3}, "n_groups"),
+        ({"gates": "paper", "window_init": 2.0}, "window_init"),
+        ({"intermediate_size": -1}, "intermediate_size"),
+    ],
+)
+def test_invalid_config_raises_clear_error(overrides, message):
+    with pytest.raises((ValueError, StrictDataclassError), match=message):
+        tiny_config(**overrides)
+
+
+def test_invalid_inputs_raise_clear_errors():
+    model = tiny_model()
+    x = ids()
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(torch.full((1, 3), 320))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="2-D padding mask"):
+        model(x, attention_mask=torch.ones(2, 1, 11, 11))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x, attention_mask=torch.ones(3, 11))
+    with pytest.raises(TypeError, match="PalimpsaCache"):
+        model(x, past_key_values=DynamicCache())
+    with pytest.raises(ValueError, match="labels"):
+        model(x, labels=x[:, :5])
+
+
+def test_triton_attention_implementation_selects_the_triton_op():
+    model = tiny_model()
+    assert model.model.op_impl() == "auto"
+    model.config._attn_implementation = "amformers_triton"
+    assert model.model.op_impl() == "triton"
+    with pytest.raises(RuntimeError, match='impl="chunk"'):  # on this CPU, clearly refused (no silent fallback)
+        model(ids())
+
+
+def test_auto_classes_and_save_load_round_trip(tmp_path):
+    model = tiny_model(gates="paper", prior_precision=2.0)
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), PalimpsaConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is PalimpsaForCausalLM
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied
+    torch.testing.assert_close(loaded.model.layers[1].mixer.log_prior_precision, torch.full((2,), 2.0).log())
+    assert type(AutoModel.from_config(model.config)) is PalimpsaModel
+    assert amformers.PalimpsaConfig is PalimpsaConfig
+
+
+REMOTE_SCRIPT = r"""
+import sys
+class BlockAmformers:
+    def find_spec(self, name, path=None, target=None):
+        if name == "amformers" or name.startswith("amformers."):
+            raise ImportError("amformers is blocked in this process")
+sys.meta_path.insert(0, BlockAmformers())
+try:
+    import amformers  # noqa
+    raise SystemExit("amformers should not be importable here")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+assert "amformers" not in type(model).__module__, type(model).__module__
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(x).logits, sys.argv[3])
+    generated = model.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+print("OK", type(model).__module__, len(tok), tuple(generated.shape))
+"""
+
+
+def test_trust_remote_code_loads_without_the_package(tmp_path, tiny_tokenizer):
+    model = tiny_model()
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    for name in ("modeling_palimpsa.py", "configuration_palimpsa.py", "palimpsa.py", "palimpsa_chunk.py"):
+        assert (model_dir / name).is_file(), name
+    x = ids()
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", REMOTE_SCRIPT, str(model_dir), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK transformers_modules" in result.stdout and "(2, 7)" in result.stdout
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x).logits, atol=1e-6, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pipeline, Trainer, gradient checkpointing, PEFT, lm-eval
+
+
+def test_text_generation_pipeline(tiny_tokenizer):
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=tiny_model(), tokenizer=tiny_tokenizer, device="cpu")
+    prompts = ["Once upon a time", "The cat"]
+    out = generator(prompts, max_new_tokens=8, do_sample=False, batch_size=2)
+    for prompt, result in zip(prompts, out):
+        text = result[0]["generated_text"]
+        assert text.startswith(prompt) and len(text) > len(prompt)
+
+
+def lm_examples(tokenizer, length=24):
+    from conftest import TOKENIZER_TEXT
+
+    rows = []
+    for text in TOKENIZER_TEXT[:5]:
+        input_ids = tokenizer(text)["input_ids"][:length]
+        input_ids += [tokenizer.pad_token_id] * (length - len(input_ids))
+        labels = [t if t != tokenizer.pad_token_id else -100 for t in input_ids]
+        rows.append({"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)})
+    return rows
+
+
+def test_trainer_reduces_loss(tmp_path, tiny_tokenizer):
+    from transformers import Trainer, TrainingArguments
+
+    model = PalimpsaForCausalLM(tiny_config(initializer_range=0.02))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=15,
+        per_device_train_batch_size=5,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=lm_examples(tiny_tokenizer))
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    model = tiny_model().train()
+    x = ids(2, 10)
+
+    def grads():
+        model.zero_grad()
+        model(x, labels=x).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.gradient_checkpointing_enable()
+    checkpointed = grads()
+    assert model.model.gradient_checkpointing and plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("variant,targets", [("palimpsa", ["q_proj", "v_proj"]), ("meta_mamba2", "all-linear")])
+def test_peft_lora_trains_and_merges(variant, targets):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(**VARIANTS[variant])
+    x = ids(2, 9)
+    with torch.no_grad():
+        before = base(x).logits.clone()
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    first = None
+    for _ in range(8):
+        loss = model(input_ids=x, labels=x).loss
+        first = loss.item() if first is None else first
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < first
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=x).logits
+        assert (adapted - before).abs().max() > 1e-3
+        merged = model.merge_and_unload()
+        assert type(merged) is PalimpsaForCausalLM
+        torch.testing.assert_close(merged(x).logits, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_lm_eval_hflm_on_local_task(tmp_path, tiny_tokenizer):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    docs = [
+        {"context": "The cat sat on the", "choices": [" mat", " tree"], "label": 0},
+        {"context": "Once upon a", "choices": [" time", " dog"], "label": 0},
+        {"context": "Tom and Sam were", "choices": [" park", " friends"], "label": 1},
+        {"context": "The bird sang a happy", "choices": [" song", " girl"], "label": 0},
+    ]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_palimpsa_choice.yaml").write_text(
+        "task: tiny_palimpsa_choice\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "output_type: multiple_choice\n"
+        "test_split: test\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{label}}"\n'
+        'target_delimiter: ""\n'
+        "metric_list:\n  - metric: acc\n"
+        "metadata:\n  version: 1.0\n"
+    )
+    model = tiny_model()
+    lm = HFLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=2, max_length=64)
+    results = simple_evaluate(
+        model=lm, tasks=["tiny_palimpsa_choice"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"))
+    )
+    acc = results["results"]["tiny_palimpsa_choice"]["acc,none"]
+
+    def score(context, choice):  # summed log-probability of the choice after the context
+        ctx = tiny_tokenizer(context)["input_ids"]
+        full = tiny_tokenizer(context + choice)["input_ids"]
+        with torch.no_grad():
+            logp = model(torch.tensor([full])).logits.log_softmax(-1)[0]
+        return sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
+
+    expected = sum(
+        max(range(2), key=lambda c, d=d: score(d["context"], d["choices"][c])) == d["label"] for d in docs
+    ) / len(docs)
+    assert acc == pytest.approx(expected)
+
+
+def test_cache_object_api():
+    cache = PalimpsaCache(tiny_config())
+    assert len(cache) == 2 and cache.get_seq_length() == 0 and not cache.has_previous_state(0)
+    model = tiny_model()
+    with torch.no_grad():
+        model(ids(3, 4), past_key_values=cache, use_cache=True)
+    assert cache.has_previous_state(0) and not cache.is_compileable and not cache.is_croppable
+    mu = cache.layers[0].recurrent_state[0].clone()
+    cache.reorder_cache(torch.tensor([2, 0, 0]))
+    torch.testing.assert_close(cache.layers[0].recurrent_state[0], mu[[2, 0, 0]])
+    with pytest.raises(ValueError, match="cropping"):
+        cache.crop(1)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.layers[0].recurrent_state is None

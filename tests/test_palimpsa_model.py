@@ -1,6 +1,5 @@
 """Palimpsa as a transformers model: the layer against its equations, caching, padding, and the integrations."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
+from integration_checks import check_lm_eval_hflm_matches_own_scoring, check_peft_lora_trains_and_merges
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 import amformers
@@ -432,79 +432,11 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 @pytest.mark.parametrize("variant,targets", [("palimpsa", ["q_proj", "v_proj"]), ("meta_mamba2", "all-linear")])
 def test_peft_lora_trains_and_merges(variant, targets):
-    from peft import LoraConfig, get_peft_model
-
-    base = tiny_model(**VARIANTS[variant])
-    x = ids(2, 9)
-    with torch.no_grad():
-        before = base(x).logits.clone()
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    first = None
-    for _ in range(8):
-        loss = model(input_ids=x, labels=x).loss
-        first = loss.item() if first is None else first
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    assert loss.item() < first
-    model.eval()
-    with torch.no_grad():
-        adapted = model(input_ids=x).logits
-        assert (adapted - before).abs().max() > 1e-3
-        merged = model.merge_and_unload()
-        assert type(merged) is PalimpsaForCausalLM
-        torch.testing.assert_close(merged(x).logits, adapted, atol=1e-4, rtol=1e-4)
+    check_peft_lora_trains_and_merges(tiny_model(**VARIANTS[variant]), targets, ids(2, 9))
 
 
 def test_lm_eval_hflm_on_local_task(tmp_path, tiny_tokenizer):
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    docs = [
-        {"context": "The cat sat on the", "choices": [" mat", " tree"], "label": 0},
-        {"context": "Once upon a", "choices": [" time", " dog"], "label": 0},
-        {"context": "Tom and Sam were", "choices": [" park", " friends"], "label": 1},
-        {"context": "The bird sang a happy", "choices": [" song", " girl"], "label": 0},
-    ]
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "tiny_palimpsa_choice.yaml").write_text(
-        "task: tiny_palimpsa_choice\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "output_type: multiple_choice\n"
-        "test_split: test\n"
-        'doc_to_text: "{{context}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{label}}"\n'
-        'target_delimiter: ""\n'
-        "metric_list:\n  - metric: acc\n"
-        "metadata:\n  version: 1.0\n"
-    )
-    model = tiny_model()
-    lm = HFLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=2, max_length=64)
-    results = simple_evaluate(
-        model=lm, tasks=["tiny_palimpsa_choice"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"))
-    )
-    acc = results["results"]["tiny_palimpsa_choice"]["acc,none"]
-
-    def score(context, choice):  # summed log-probability of the choice after the context
-        ctx = tiny_tokenizer(context)["input_ids"]
-        full = tiny_tokenizer(context + choice)["input_ids"]
-        with torch.no_grad():
-            logp = model(torch.tensor([full])).logits.log_softmax(-1)[0]
-        return sum(logp[i - 1, full[i]].item() for i in range(len(ctx), len(full)))
-
-    expected = sum(
-        max(range(2), key=lambda c, d=d: score(d["context"], d["choices"][c])) == d["label"] for d in docs
-    ) / len(docs)
-    assert acc == pytest.approx(expected)
+    check_lm_eval_hflm_matches_own_scoring(tiny_model(), tiny_tokenizer, tmp_path, "tiny_palimpsa_choice")
 
 
 def test_cache_object_api():

@@ -33,6 +33,15 @@ _LLAMA_FIELDS = (
 )
 
 
+def _model_from(model_or_path, model_class):
+    """The model itself, or `model_class` loaded in fp32 from a path."""
+    if isinstance(model_or_path, (str, Path)):
+        return model_class.from_pretrained(model_or_path, dtype=torch.float32)
+    if isinstance(model_or_path, model_class):
+        return model_or_path
+    raise TypeError(f"Expected a {model_class.__name__} or a path, got {type(model_or_path).__name__}.")
+
+
 def llama_to_attn_stream(model_or_path: LlamaForCausalLM | str | Path, **stream_settings) -> AttnStreamForCausalLM:
     """Build an `AttnStreamForCausalLM` carrying a Llama model's weights.
 
@@ -44,12 +53,7 @@ def llama_to_attn_stream(model_or_path: LlamaForCausalLM | str | Path, **stream_
     unknown = set(stream_settings) - allowed
     if unknown:
         raise ValueError(f"Unknown stream settings {sorted(unknown)}; expected some of {sorted(allowed)}.")
-    if isinstance(model_or_path, (str, Path)):
-        llama = LlamaForCausalLM.from_pretrained(model_or_path, dtype=torch.float32)
-    elif isinstance(model_or_path, LlamaForCausalLM):
-        llama = model_or_path
-    else:
-        raise TypeError(f"Expected a LlamaForCausalLM or a path, got {type(model_or_path).__name__}.")
+    llama = _model_from(model_or_path, LlamaForCausalLM)
     llama_config: LlamaConfig = llama.config
     if getattr(llama_config, "pretraining_tp", 1) not in (None, 1):
         raise ValueError("Llama checkpoints with pretraining_tp > 1 are not supported.")
@@ -91,12 +95,7 @@ def mamba2_to_palimpsa(model_or_path: Mamba2ForCausalLM | str | Path, metaplasti
     official fine-tuning initialisation, so the precision starts to move and the outputs leave Mamba2's a little:
     this is the starting point for fine-tuning an existing Mamba2 checkpoint into a metaplastic one.
     """
-    if isinstance(model_or_path, (str, Path)):
-        mamba2 = Mamba2ForCausalLM.from_pretrained(model_or_path, dtype=torch.float32)
-    elif isinstance(model_or_path, Mamba2ForCausalLM):
-        mamba2 = model_or_path
-    else:
-        raise TypeError(f"Expected a Mamba2ForCausalLM or a path, got {type(model_or_path).__name__}.")
+    mamba2 = _model_from(model_or_path, Mamba2ForCausalLM)
     c = mamba2.config
     if c.hidden_act != "silu":
         raise ValueError(f"Only Mamba2 models with hidden_act='silu' convert, got {c.hidden_act!r}.")

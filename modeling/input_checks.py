@@ -31,3 +31,13 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask) -> None
             f"`attention_mask` of shape {tuple(attention_mask.shape)} does not fit inputs of shape "
             f"{batch_and_length} (expected [batch, past + seq_len])."
         )
+
+
+def check_labels(labels, input_ids, inputs_embeds) -> None:
+    """Labels must be [batch, seq_len] like the inputs (the loss shifts them itself)."""
+    reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+    if labels.shape != reference.shape:
+        raise ValueError(
+            f"`labels` of shape {tuple(labels.shape)} must match the inputs' [batch, seq_len] "
+            f"shape {tuple(reference.shape)}."
+        )

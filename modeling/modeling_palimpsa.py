@@ -37,7 +37,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ..configuration.configuration_palimpsa import PalimpsaConfig
-from .input_checks import check_model_inputs
+from .input_checks import check_labels, check_model_inputs
 from .kernels.palimpsa import palimpsa_attention
 from .remote_code import write_remote_code
 
@@ -607,12 +607,7 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            if labels.shape != reference.shape:
-                raise ValueError(
-                    f"`labels` of shape {tuple(labels.shape)} must match the inputs' [batch, seq_len] "
-                    f"shape {tuple(reference.shape)}."
-                )
+            check_labels(labels, input_ids, inputs_embeds)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         return PalimpsaCausalLMOutput(

@@ -46,6 +46,18 @@ def make_inputs(B=2, T=37, H=3, K=8, V=6, with_state=False, seed=0, dtype=torch.
 @pytest.mark.parametrize("chunk_size", [8, 16])
 def test_chunk_equals_reference_with_all_gradients(with_state, chunk_size):
     """T = 37 is not a multiple of the chunk; every output (o, final mu and I, var) feeds the loss."""
+    check_chunk_against_reference(with_state, chunk_size)
+
+
+def test_backward_in_groups_of_chunks_equals_reference(monkeypatch):
+    """Long inputs recompute their per-token states in groups of chunks (at most BACKWARD_STATE_BYTES each).
+    With a budget of two chunks, T = 37 in chunks of 8 runs as groups of 2, 2 and 1 chunks."""
+    chunk_bytes = 2 * 8 * (2 * 3) * 6 * 8 * 4  # 2 states x C x B*H x V x K x fp32
+    monkeypatch.setattr(chunk_module, "BACKWARD_STATE_BYTES", 2 * chunk_bytes)
+    check_chunk_against_reference(with_state=True, chunk_size=8)
+
+
+def check_chunk_against_reference(with_state, chunk_size):
     q, k, v, beta, log_alpha, state = make_inputs(with_state=with_state, seed=chunk_size)
     prior = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)  # per-head prior, differentiated too
     inputs = [q, k, v, beta, log_alpha, prior, *(state or ())]

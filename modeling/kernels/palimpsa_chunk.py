@@ -36,9 +36,10 @@ import threading
 
 import torch
 
-# The backward pass recomputes per-token states for groups of chunks at a time, this many bytes per group:
-# small enough to stay in cache (measured faster than one big group), large enough to amortise Python overhead.
-BACKWARD_STATE_BYTES = 64 * 2**20
+# The backward pass recomputes per-token states for groups of chunks at a time, at most this many bytes per group
+# (plus one scratch buffer of this size kept per thread, see `_workspace`). Fewer groups means fewer Python-level
+# steps: at T=2048, B=1, H=4 (one group at 128 MiB, two at 64 MiB) the backward pass measured 10% faster.
+BACKWARD_STATE_BYTES = 128 * 2**20
 
 
 _workspaces = threading.local()
@@ -139,14 +140,12 @@ def _scan_tokens(inputs, keys, decay, starts):
     """The recurrence inside all chunks at once: yields (j, S_j) for every position j, S = (M, E) stacked as in
     `_chunk_start_states`. The yielded tensor is updated in place by the next step; copy what you keep."""
     state = starts.clone()
-    for j in range(inputs.shape[0]):
-        state.mul_(decay[j][..., None, None]).addcmul_(inputs[j][..., None], keys[j][..., None, :])
+    # Per-position views listed once (`unbind`): indexing inside the loop would cost more than some of the ops.
+    decay = decay[:, None, ..., None, None].unbind(0)
+    inputs, keys = inputs[..., None].unbind(0), keys[..., None, :].unbind(0)
+    for j in range(len(inputs)):
+        state.mul_(decay[j]).addcmul_(inputs[j], keys[j])
         yield j, state
-
-
-def _sum_last(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum(x * y, -1) (for [..., V, K] states against [..., 1, K] rows)."""
-    return torch.linalg.vecdot(x, y)
 
 
 class PalimpsaChunkFunction(torch.autograd.Function):
@@ -156,21 +155,33 @@ class PalimpsaChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, log_alpha, prior, mu0, precision0, scale, output_uncertainty):
         inputs, keys = torch.stack([v, beta], dim=1), torch.stack([k, k * k], dim=1)
+        C, _, BH, NC, K = keys.shape
+        V = v.shape[-1]
         starts, final = _chunk_start_states(inputs, keys, log_alpha, prior, mu0, precision0)
         prior4 = prior[:, None, None, None]
-        o = torch.empty_like(v)
-        var = torch.empty_like(v) if output_uncertainty else v.new_empty(0)
+        # Per position, o_j = mu_j q_j is computed as the row q_j^T times mu_j^T (a batched matrix product on 3-D
+        # views, written straight into o): the form the CPU BLAS runs fastest, measured 2x faster than
+        # `(mu_j * q_j).sum(-1)` (which writes a temporary the size of the state) and 5x faster than
+        # `mu_j @ q_j[..., None]`.
+        rows = BH * NC
+        q_rows = q.reshape(C, rows, 1, K)
+        o = v.new_empty(C, rows, 1, V)
+        var = torch.empty_like(o) if output_uncertainty else v.new_empty(0)
+        squares = (q_rows * q_rows).unbind(0) if output_uncertainty else None
+        q_rows, o_rows, var_rows = q_rows.unbind(0), o.unbind(0), var.unbind(0)
         buffer = torch.empty_like(starts[0])
+        buffer_t = buffer.view(rows, V, K).mT
         for j, (M, E) in _scan_tokens(inputs, keys, log_alpha.exp(), starts):
             torch.add(E, prior4, out=buffer)  # I_j
             if output_uncertainty:
                 buffer.reciprocal_()
-                var[j] = _sum_last(buffer, (q[j] * q[j])[..., None, :])
+                torch.bmm(squares[j], buffer_t, out=var_rows[j])
                 buffer.mul_(M)  # mu_j = M_j / I_j
             else:
-                torch.div(M, buffer, out=buffer)
-            o[j] = buffer.mul_(q[j][..., None, :]).sum(-1)  # in place: no temporary of the state's size
-        o.mul_(scale)
+                torch.div(M, buffer, out=buffer)  # mu_j
+            torch.bmm(q_rows[j], buffer_t, out=o_rows[j])
+        o = o.view_as(v).mul_(scale)
+        var = var.view_as(v) if output_uncertainty else var
         ctx.save_for_backward(q, inputs, keys, log_alpha, prior, mu0, precision0, starts, final)
         ctx.scale, ctx.device_type = scale, q.device.type
         ctx.set_materialize_grads(False)
@@ -226,34 +237,60 @@ class PalimpsaChunkFunction(torch.autograd.Function):
                 scaled_do[:, :, g],
             )
             # 1. Recompute mu_j and I_j at every position of these chunks.
-            shape = (C, BH, g.stop - g.start, V, K)
+            n = g.stop - g.start
+            rows = BH * n
+            shape = (C, BH, n, V, K)
             mus, precisions = (b[: math.prod(shape)].view(shape) for b in buffers)
             for j, (M, E) in _scan_tokens(inputs_g, keys_g, decay_g, starts[:, :, g]):
                 torch.add(E, prior4, out=precisions[j])
                 torch.div(M, precisions[j], out=mus[j])
             # 2. Adjoint recurrence backwards through the chunks, carry from later chunks left out (added below).
             # A = (G^, -H^): the adjoints of M and of E, the second negated so one addcmul_ updates both.
-            adjoint = q.new_zeros(2, BH, g.stop - g.start, V, K)
+            # Per position the loop does only the state-sized arithmetic, on views listed before the loop; the
+            # contractions with the states are batched row-times-matrix products (the fast form, see `forward`)
+            # written into per-position rows and combined after the loop.
+            from_keys = q.new_empty(C, 2, BH, n, 1, V)  # (G^ k_j, -H^ k_j^2) for d(v, beta)
+            from_inputs = q.new_empty(C, 2, BH, n, 1, K)  # (v_j^T G^, beta_j^T (-H^)) for dk
+            from_mu = q.new_empty(C, BH, n, 1, K)  # do_j^T mu_j for dq
+            adjoint = q.new_zeros(2, BH, n, V, K)
+            adjoint_3d = adjoint.view(2 * rows, V, K)
             direct = torch.empty_like(adjoint)  # (q / I, q mu / I): G_t = do_t (outer) direct[0], -H_t = ... [1]
+            direct_q, direct_mu = direct.unbind(0)
+            precisions_j, mus_j = precisions.unbind(0), mus.unbind(0)
+            mus_3d = mus.view(C, rows, V, K).unbind(0)
+            decay_j = decay_g[:, None, :, :, None, None].unbind(0)
+            q_rows, do_cols = q_g[..., None, :].unbind(0), do_g[..., None].unbind(0)
+            do_rows = do_g.reshape(C, rows, 1, V).unbind(0)
+            inputs_rows = inputs_g.reshape(C, 2 * rows, 1, V).unbind(0)
+            keys_rows = keys_g.reshape(C, 2 * rows, 1, K).unbind(0)
+            from_keys_j = from_keys.view(C, 2 * rows, 1, V).unbind(0)
+            adjoint_sums = q.new_empty(C, BH, n)  # sum(-H^_j), for sum(H_j) below
+            adjoint_sums_j = adjoint_sums.unbind(0)
+            from_inputs_j = from_inputs.view(C, 2 * rows, 1, K).unbind(0)
+            from_mu_j = from_mu.view(C, rows, 1, K).unbind(0)
             for j in reversed(range(C)):
                 if j < C - 1:
-                    adjoint.mul_(decay_g[j + 1][..., None, None])
-                q_j, do_j, mu_j = q_g[j], do_g[j], mus[j]
-                torch.div(q_j[..., None, :], precisions[j], out=direct[0])
-                torch.mul(direct[0], mu_j, out=direct[1])
+                    adjoint.mul_(decay_j[j + 1])
+                torch.div(q_rows[j], precisions_j[j], out=direct_q)
+                torch.mul(direct_q, mus_j[j], out=direct_mu)
                 if d_var is not None:  # var = sum_k q^2 / I adds H_t = -dvar (outer) q^2 / I^2
-                    dvar_j = d_var[j, :, g]
+                    q_j, dvar_j = q_g[j], d_var[j, :, g]
                     dq[j, :, g] = 2 * q_j * (dvar_j[..., None, :] @ precisions[j].reciprocal()).squeeze(-2)
-                    var_dot[j, :, g] = ((dvar_j[..., None, :] @ direct[0]).squeeze(-2) * q_j).sum(-1)
-                    sum_H[j, :, g] = -(dvar_j[..., None, :] @ direct[0].square()).sum((-1, -2))
-                    adjoint[1].addcmul_(dvar_j[..., None], direct[0].square())
-                adjoint.addcmul_(do_j[..., None], direct)
-                dq[j, :, g] += (do_j[..., None, :] @ mu_j).squeeze(-2)
-                sum_H[j, :, g] -= (do_j[..., None, :] @ direct[1]).sum((-1, -2))
-                # d(v, beta)_t = (G^ k_t, H^ k_t^2);  dk_t = G^^T v_t + 2 k_t (H^^T beta_t)
-                d_inputs[j, :, :, g] = _sum_last(adjoint, keys_g[j][..., None, :])
-                d_keys = (inputs_g[j][..., None, :] @ adjoint).squeeze(-2)
-                d_k[j, :, g] = d_keys[0] - 2 * keys_g[j, 0] * d_keys[1]
+                    var_dot[j, :, g] = ((dvar_j[..., None, :] @ direct_q).squeeze(-2) * q_j).sum(-1)
+                    adjoint[1].addcmul_(dvar_j[..., None], direct_q.square())
+                adjoint.addcmul_(do_cols[j], direct)
+                torch.bmm(do_rows[j], mus_3d[j], out=from_mu_j[j])
+                torch.bmm(keys_rows[j], adjoint_3d.mT, out=from_keys_j[j])
+                torch.sum(adjoint[1], (-1, -2), out=adjoint_sums_j[j])
+                torch.bmm(inputs_rows[j], adjoint_3d, out=from_inputs_j[j])
+            dq[:, :, g] += from_mu.squeeze(-2)
+            d_inputs[:, :, :, g] = from_keys.squeeze(-2)
+            # dk_t = G^^T v_t + 2 k_t (H^^T beta_t)
+            d_k[:, :, g] = from_inputs[:, 0, ..., 0, :] - 2 * keys_g[:, 0] * from_inputs[:, 1, ..., 0, :]
+            # The direct precision gradient from its accumulated adjoint: H_j = H^_j - a_{j+1} H^_{j+1} (the
+            # sums are of -H^).
+            adjoint_sums[:-1] -= decay_g[1:] * adjoint_sums[1:]
+            sum_H[:, :, g] = -adjoint_sums
             local_start[:, :, g] = decay_g[0][..., None, None] * adjoint
         d_inputs[:, 1].neg_()  # undo the sign of -H^
         local_start[1].neg_()

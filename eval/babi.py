@@ -8,7 +8,8 @@ context is every statement of its story before it (questions are left out), then
 and the answer is scored as the continuation " <answer>". The model's answer is the candidate with the
 highest summed log-probability among every distinct answer of that task's test file (e.g. the 6 locations of
 task 1, yes/no/maybe for tasks 6 and 10), so accuracy is a ranking accuracy with a per-task chance level of
-1/#candidates, which we report next to it. bAbI is evaluation data only: never train on it.
+1/#candidates, which we report next to it. bAbI is never pretraining data; only the LoRA example
+(examples/finetune_babi_lora.py) trains on it, on the train split, and scores the test split.
 """
 
 import re

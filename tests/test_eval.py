@@ -4,6 +4,7 @@ logits we control, plus the lm-eval tasks through HFLM and through the lm-eval C
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from amformers import AttnStreamConfig, AttnStreamForCausalLM
-from amformers.eval import babi, blimp, build_tasks, ioi, perplexity
+from amformers.eval import babi, blimp, build_tasks, harness, ioi, perplexity
 from amformers.eval.__main__ import main as eval_main
-from amformers.eval.common import document_nll, encode, prefix_token_id, score_continuations
+from amformers.eval.common import document_nll, encode, prefix_token_id, score_continuations, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -319,3 +320,217 @@ def test_report_renders_tables_from_results_and_updates_only_the_readme_block(ti
     updated = readme.read_text()
     assert updated.startswith("# Title\n\nintro\n\n") and updated.endswith(f"{report.README_END}\n\n## After\n")
     assert "old" not in updated and "#### AMICL" in updated
+
+
+SHIPPED = ("attn_stream-8m", "attn_stream-baseline-8m", "palimpsa-8m", "notpalimpsa-8m")
+# Headline numbers written into copies of the real suite files: (IOI acc, IOI logit diff, TinyStories ppl, BLiMP acc)
+HEADLINES = {
+    "attn_stream-8m": (0.75, 1.5, 30.0, 0.6),
+    "attn_stream-baseline-8m": (0.5, 0.25, 31.0, 0.6),
+    "palimpsa-8m": (0.5, 0.5, 20.0, 0.625),
+    "notpalimpsa-8m": (0.5, 0.5, 25.0, 0.5),
+}
+
+
+def markdown_tables(text: str) -> list[list[dict]]:
+    """Every GitHub-markdown table in `text` as a list of {column: cell} rows."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif current:
+            header, rows = current[0], current[2:]
+            tables.append([dict(zip(header, row)) for row in rows])
+            current = []
+    return tables
+
+
+@pytest.fixture(scope="module")
+def shipped_results(tiny_model_dir, tiny_model, tmp_path_factory):
+    """eval/results/<name>/<suite>.json for the four shipped names, in the real formats: every suite runs once on
+    the tiny model (small fake data), then its files are copied under each name with known headline numbers."""
+    root = tmp_path_factory.mktemp("shipped")
+    stories = root / "valid.txt"
+    stories.write_text("Lily went to the park.\n<|endoftext|>\nTom had a red ball. He liked it.\n<|endoftext|>\n")
+    book = root / "book.txt"
+    book.write_text("The bird sang a happy song. " * 20)
+    write_blimp(root / "blimp")
+    (root / "babi").mkdir()
+    (root / "babi" / "qa1_single-supporting-fact_test.txt").write_text(BABI_TEXT)
+    results = root / "results"
+    common = ["--model", str(tiny_model_dir), "--results-dir", str(results), "--name", "run"]
+    eval_main(["ioi", *common, "--limit", "2", "--per-template", "1"])
+    eval_main(["perplexity", *common, "--tinystories", str(stories), "--book", str(book), "--no-heldout-books",
+               "--max-length", "64"])  # fmt: skip
+    eval_main(["blimp", *common, "--blimp-data", str(root / "blimp")])
+    eval_main(["babi", *common, "--babi-data", str(root / "babi")])
+    run = results / "run"
+    # lm-eval costs ~20 s of task indexing, so its file comes from the suite's own writer with the metrics as
+    # harness.run_tasks returns them (test_lm_eval_tasks_through_hflm_agree_with_our_blimp runs the real thing)
+    config = {"tasks": ["amformers_tinystories_cloze"], "limit": 2, "include_path": str(harness.TASKS_DIR)}
+    metrics = {"amformers_tinystories_cloze": {"sample_len": 2, "perplexity,none": 812.5, "acc,none": 0.5}}
+    write_results(
+        run / "lm-eval.json", "lm-eval", tiny_model_dir, {"config": config, "results": metrics}, tiny_model[0],
+        command=f"python -m amformers.eval lm-eval {' '.join(common)} --limit 2",
+    )  # fmt: skip
+    ppl = json.loads((run / "perplexity.json").read_text())
+    # the pd-stories holdout is too big for a unit test: a --book source has exactly its fields
+    ppl["sources"]["pd-stories-holdout"] = ppl["sources"].pop("book:book")
+    (run / "perplexity.json").write_text(json.dumps(ppl))
+    for name, (ioi_acc, logit_diff, perplexity_value, blimp_acc) in HEADLINES.items():
+        (results / name).mkdir()
+        suites = {p.stem: json.loads(p.read_text()) for p in run.glob("*.json")}
+        suites["ioi"]["summary"]["wang-tinystories"].update(accuracy=ioi_acc, mean_logit_diff=logit_diff)
+        suites["perplexity"]["sources"]["tinystories-valid"]["perplexity"] = perplexity_value
+        suites["blimp"]["accuracy"] = blimp_acc
+        checkpoint = root / "checkpoints" / name  # as amformers.train.ship leaves it, for the training tokens
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "training_summary.json").write_text(json.dumps({"steps": 1000, "tokens": 8_192_000}))
+        for suite, data in suites.items():
+            data["command"] = data["command"].replace("--name run", f"--name {name}")
+            data["model_dir"] = str(checkpoint)
+            (results / name / f"{suite}.json").write_text(json.dumps(data, indent=2))
+    shutil.rmtree(run)
+    lora = {"accuracy_before": 0.25, "accuracy_after": 0.875, "per_task": {"qa1": {"accuracy_before": 0.0}}}
+    (results / "attn_stream-8m" / "babi_lora.json").write_text(json.dumps(lora))
+    (results / "not-a-model").mkdir()
+    (results / "not-a-model" / "notes.json").write_text("{}")
+    return results
+
+
+def test_comparison_table_has_a_row_per_model_and_paired_differences(shipped_results):
+    from amformers.eval import report
+
+    text = "\n".join(report.comparison_section(shipped_results))
+    table, pairs = markdown_tables(text)
+    assert [row["model"] for row in table] == sorted(SHIPPED)  # "not-a-model" has no suite results
+    rows = {row["model"]: row for row in table}
+    run = json.loads((shipped_results / "palimpsa-8m" / "perplexity.json").read_text())
+    for name, (ioi_acc, logit_diff, perplexity_value, blimp_acc) in HEADLINES.items():
+        row = rows[name]
+        assert row["IOI acc (wang-tinystories)"] == f"{ioi_acc:.4f}"
+        assert row["IOI logit diff (wang-tinystories)"] == f"{logit_diff:.4f}"
+        assert row["TinyStories valid ppl"] == f"{perplexity_value:.4f}"
+        assert row["BLiMP acc"] == f"{blimp_acc:.4f}"
+        assert row["parameters"] == str(run["model"]["num_parameters"])
+        assert row["held-out books bits/byte"] == f"{run['sources']['pd-stories-holdout']['bits_per_byte']:.4f}"
+        assert float(row["bAbI mean acc (zero-shot)"]) >= 0
+        assert (row["lm-eval tinystories_cloze acc"], row["lm-eval tinystories_cloze perplexity"]) == (
+            "0.5000",
+            "812.5000",
+        )
+    assert "lm-eval tinystories_cloze sample_len" not in table[0]  # a count, not a metric
+    assert (rows["attn_stream-8m"]["bAbI LoRA acc before"], rows["attn_stream-8m"]["bAbI LoRA acc after"]) == (
+        "0.2500",
+        "0.8750",
+    )
+    assert rows["palimpsa-8m"]["bAbI LoRA acc after"] == ""  # no babi_lora.json: empty cell
+    assert rows["palimpsa-8m"]["--limit"] == "all, 2"  # ioi and lm-eval ran with --limit 2
+    assert rows["notpalimpsa-8m"]["training tokens"] == "8192000"
+    by_metric = {(row["comparison"].split(" ")[0], row["metric"]): row for row in pairs}
+    ioi = by_metric[("attn_stream-8m", "IOI acc (wang-tinystories)")]
+    assert (ioi["model"], ioi["twin"], ioi["difference"], ioi["model is"]) == ("0.7500", "0.5000", "0.2500", "higher")
+    assert by_metric[("attn_stream-8m", "IOI logit diff (wang-tinystories)")]["difference"] == "1.2500"
+    ppl = by_metric[("palimpsa-8m", "TinyStories valid ppl")]
+    assert (ppl["difference"], ppl["model is"]) == ("-5.0000", "lower")
+    assert by_metric[("palimpsa-8m", "BLiMP acc")]["model is"] == "higher"
+    assert by_metric[("palimpsa-8m", "IOI acc (wang-tinystories)")]["model is"] == "equal"
+    assert ("attn_stream-8m", "BLiMP acc") not in by_metric  # only the metrics a pair is about
+    assert by_metric[("attn_stream-8m", "training tokens")]["model is"] == "equal"
+    full = report.render(shipped_results)
+    assert full.index("## Model comparison") < full.index("## Model `attn_stream-8m`")
+
+
+def tiny_checkpoint(folder: Path, tokenizer, markers: bool = True) -> Path:
+    """A checkpoint folder whose README.md is rendered by the pretraining script's write_model_card."""
+    from amformers.train import pretrain
+
+    config = pretrain.load_config(REPO / "train" / "configs" / "attn_stream-8m.yaml")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    context = {
+        "model_type": config["model_type"], "model_fields": config["model"], "parameters": 1234, "steps": 3,
+        "tokens_seen": 768, "val_loss": 2.0, "val_perplexity": math.exp(2.0), "training": config["training"],
+        "processes": 1, "distributed_type": "NO", "data_sources": config["data"]["sources"],
+        "block_size": config["data"]["block_size"], "training_curve": None, "generation": config["generation"],
+        "samples": [{"prompt": "Once upon a time", "completion": "there was a cat."}], "vocab_size": len(tokenizer),
+    }  # fmt: skip
+    path = pretrain.write_model_card(folder, config, context)
+    text = path.read_text()
+    assert report_markers() <= set(text.splitlines())  # the template carries the markers
+    if not markers:
+        path.write_text("\n".join(line for line in text.splitlines() if line not in report_markers()) + "\n")
+    return path
+
+
+def report_markers() -> set[str]:
+    from amformers.eval import report
+
+    return {report.CARD_BEGIN, report.CARD_END}
+
+
+def test_cards_write_eval_results_and_model_index_idempotently(shipped_results, tiny_tokenizer, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from amformers.eval import report
+
+    checkpoints = tmp_path / "checkpoints"
+    card = tiny_checkpoint(checkpoints / "attn_stream-8m", tiny_tokenizer)
+    card.write_text(card.read_text().replace(report.CARD_END, f"stale numbers\n{report.CARD_END}"))
+    bare = tiny_checkpoint(checkpoints / "palimpsa-8m", tiny_tokenizer, markers=False)
+    tiny_checkpoint(checkpoints / "unevaluated", tiny_tokenizer)
+    untouched = (checkpoints / "unevaluated" / "README.md").read_text()
+    report.main(["--results", str(shipped_results), "--cards", str(checkpoints)])
+
+    record = json.loads((checkpoints / "attn_stream-8m" / "eval_results.json").read_text())
+    ppl = json.loads((shipped_results / "attn_stream-8m" / "perplexity.json").read_text())
+    assert record["tinystories_valid_perplexity"] == ppl["sources"]["tinystories-valid"]["perplexity"] == 30.0
+    assert (record["ioi_accuracy"], record["babi_lora_accuracy_after"]) == (0.75, 0.875)
+    settings = record["perplexity_settings"]["tinystories-valid"]
+    tiny_valid = ppl["sources"]["tinystories-valid"]
+    assert (settings["documents"], settings["tokens"], settings["nll_nats"]) == (
+        2,
+        tiny_valid["tokens"],
+        tiny_valid["nll_nats"],
+    )
+    assert (settings["max_length"], settings["window_tokens"], settings["stride_tokens"]) == (64, 64, 32)
+    assert settings["path_sha256"] and "--max-length 64" in settings["recompute_command"]
+    assert record["commands"]["ioi"].startswith("python -m amformers.eval ioi") and "lm-eval" in record["commands"]
+    assert record["limits"] == {"ioi": 2, "lm-eval": 2, "perplexity": None, "blimp": None, "babi": None}
+    assert not (checkpoints / "unevaluated" / "eval_results.json").exists()
+    assert (checkpoints / "unevaluated" / "README.md").read_text() == untouched
+
+    loaded = ModelCard.load(card)
+    assert loaded.data.license == "apache-2.0" and loaded.data.datasets == ["roneneldan/TinyStories"]
+    assert "attn_stream" in loaded.data.tags and loaded.data.language == ["en"]
+    values = {(r.dataset_type, r.metric_type): r.metric_value for r in loaded.data.eval_results}
+    assert values[("held-out-pretraining-split", "perplexity")] == round(math.exp(2.0), 4)  # pretraining's entry
+    assert values[("roneneldan/TinyStories", "perplexity")] == 30.0
+    assert values[("amformers/ioi-wang-tinystories", "accuracy")] == 0.75
+    assert values[("nyu-mll/blimp", "accuracy")] == 0.6
+    assert ("amformers/amformers_tinystories_cloze", "acc") in values
+    assert all(r.task_type == "text-generation" for r in loaded.data.eval_results)
+    body = loaded.text
+    assert body.count(report.CARD_BEGIN) == 1 and "stale numbers" not in body
+    block = body.split(report.CARD_BEGIN)[1].split(report.CARD_END)[0]
+    assert "| IOI acc (wang-tinystories) | 0.7500 |" in block and "IOI:" in block and "BLiMP (3 pairs):" in block
+    assert "Suites capped with `--limit` (examples per task / paradigm / set): ioi 2, lm-eval 2." in block
+    assert body.index(report.CARD_END) < body.index("## Sample generations")
+
+    bare_text = bare.read_text()
+    assert bare_text.index(report.CARD_BEGIN) < bare_text.index("## Sample generations")
+    assert "| TinyStories valid ppl | 20.0000 |" in bare_text
+
+    first = {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()}
+    report.main(["--results", str(shipped_results), "--cards", str(checkpoints)])
+    assert {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()} == first
+
+
+def test_card_block_goes_to_the_end_without_a_samples_heading():
+    from amformers.eval import report
+
+    assert report.replace_card_block("# Card\n\ntext\n", "numbers") == (
+        f"# Card\n\ntext\n\n{report.CARD_BEGIN}\nnumbers\n{report.CARD_END}\n"
+    )
+    with pytest.raises(ValueError, match="only one of"):
+        report.replace_card_block(f"# Card\n{report.CARD_BEGIN}\n", "numbers")

@@ -405,3 +405,34 @@ def test_accelerate_configs_parse():
     assert ds_json["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     decoder_layers = amformers.AttnStreamForCausalLM._no_split_modules
     assert decoder_layers == ["AttnStreamDecoderLayer"]
+
+
+def test_ship_copies_a_finished_run_and_refuses_an_unfinished_one(reference_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from amformers.train import ship
+
+    destination = ship.ship(reference_run, tmp_path / "checkpoints" / "tiny", note="test")
+    names = {p.name for p in destination.iterdir()}
+    assert "checkpoints" not in names and not any(n.endswith((".bin", ".pkl")) for n in names)  # no training state
+    for name in (*ship.MODEL_FILES, *ship.RECORD_FILES, ship.SUMMARY_FILE):
+        assert name in names, name
+    assert any(n.startswith("modeling_") and n.endswith(".py") for n in names)  # the remote code travels along
+    summary = json.loads((destination / ship.SUMMARY_FILE).read_text())
+    assert summary["steps"] == REFERENCE_STEPS and summary["tokens"] == REFERENCE_STEPS * 2 * 4 * 32
+    assert summary["train_seconds"] > 0 and summary["final_val_loss"] == records(reference_run, "eval")[-1]["val_loss"]
+    assert summary["note"] == "test"
+    model = AutoModelForCausalLM.from_pretrained(destination)
+    assert model.config.model_type == "attn_stream"
+    assert ship.ship(reference_run, destination).is_dir()  # shipping again replaces the folder
+    assert not list(destination.parent.glob(".*"))  # no staging or backup folder left behind
+
+    partial = tmp_path / "partial"
+    shutil.copytree(reference_run, partial, ignore=shutil.ignore_patterns("checkpoints"))
+    lines = (partial / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(line for line in lines if '"step": 24,' not in line) + "\n")
+    with pytest.raises(ship.ShipError, match="1 missing.*not finished"):
+        ship.ship(partial, tmp_path / "unfinished")
+    with pytest.raises(ship.ShipError, match="over the 0.001 MB limit"):
+        ship.ship(reference_run, tmp_path / "too_big", max_mb=0.001)
+    assert not (tmp_path / "unfinished").exists() and not (tmp_path / "too_big").exists()

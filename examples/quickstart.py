@@ -1,55 +1,94 @@
-"""The README's first command: build a small AttnStream, save it, reload it through the Auto classes, generate.
+"""The README's first command: load each shipped checkpoint, generate a story, print the evaluation table.
 
-    make demo        (or: python examples/quickstart.py)
+    make demo        (or: python examples/quickstart.py [--prompt "..."] [--max-new-tokens 80])
 
-The model is untrained, so the story is noise; the point is the round trip every user relies on.
+Every model loads through `AutoModelForCausalLM.from_pretrained` from `checkpoints/<name>/`, exactly as a user loads
+it from a folder or the Hub. The table is read from each checkpoint's `eval_results.json` and
+`training_summary.json`, written by `python -m amformers.eval.report --cards checkpoints/` and
+`python -m amformers.train.ship` from the JSON results of the evaluation suite.
 """
 
-import tempfile
+import argparse
+import json
+import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, pipeline
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import amformers
-from amformers.train.tokenizer import load_tokenizer
+import amformers  # noqa: F401  (registers the model families with the Auto classes)
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+ORDER = ("attn_stream-8m", "attn_stream-baseline-8m", "palimpsa-8m", "notpalimpsa-8m")
+COLUMNS = (  # (key in eval_results.json, header, format)
+    ("tinystories_valid_perplexity", "TinyStories ppl", "{:.2f}"),
+    ("heldout_books_bits_per_byte", "books bits/byte", "{:.3f}"),
+    ("ioi_accuracy", "IOI acc", "{:.3f}"),
+    ("ioi_mean_logit_diff", "IOI logit diff", "{:+.3f}"),
+    ("blimp_accuracy", "BLiMP acc", "{:.3f}"),
+    ("babi_mean_accuracy", "bAbI acc (0-shot)", "{:.3f}"),
+)
+
+
+def shipped_checkpoints() -> list[Path]:
+    folders = {p.parent.name: p.parent for p in CHECKPOINTS.glob("*/config.json")}
+    ordered = [folders.pop(name) for name in ORDER if name in folders] + [folders[k] for k in sorted(folders)]
+    if not ordered:
+        raise SystemExit(f"no checkpoints found in {CHECKPOINTS} (each is a folder with a config.json)")
+    return ordered
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def table_row(folder: Path) -> dict:
+    results, summary = read_json(folder / "eval_results.json"), read_json(folder / "training_summary.json")
+    metrics = results.get("metrics", results)
+    row = {
+        "model": folder.name,
+        "tokens": f"{summary['tokens'] / 1e6:.2f}M" if "tokens" in summary else "",
+        "train h": f"{summary['train_seconds'] / 3600:.2f}" if "train_seconds" in summary else "",
+    }
+    for key, header, fmt in COLUMNS:
+        value = metrics.get(key)
+        row[header] = fmt.format(value) if isinstance(value, (int, float)) else ""
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    headers = list(rows[0])
+    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
+    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)))
 
 
 def main():
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer()  # the byte-level BPE shipped in the package (8,192 tokens)
-    config = amformers.AttnStreamConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        attention_stream="values",
-        stream_weights="learned",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = amformers.AttnStreamForCausalLM(config)
-    print(
-        f"built AttnStream: {sum(p.numel() for p in model.parameters()):,} parameters, stream={config.attention_stream}"
-    )
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", default="Once upon a time, a little girl named Lily")
+    parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        print("saved:", ", ".join(sorted(p.name for p in Path(folder).iterdir())))
-        reloaded = AutoModelForCausalLM.from_pretrained(folder)
-        print(f"reloaded as {type(reloaded).__name__} through AutoModelForCausalLM")
-
-        prompt = tokenizer("Once upon a time", return_tensors="pt")
-        with torch.no_grad():
-            same = torch.equal(model.eval()(**prompt).logits, reloaded(**prompt).logits)
-        print("reloaded logits identical:", same)
-
-        generator = pipeline("text-generation", model=reloaded, tokenizer=tokenizer)
-        text = generator("Once upon a time", max_new_tokens=20, do_sample=False)[0]["generated_text"]
-        print("generated (untrained weights):", repr(text))
+    rows = []
+    for folder in shipped_checkpoints():
+        start = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+        torch.manual_seed(args.seed)
+        with torch.no_grad():  # sampling with the checkpoint's generation_config.json (temperature, top-k)
+            output = model.generate(**inputs, max_new_tokens=args.max_new_tokens)
+        story = tokenizer.decode(output[0], skip_special_tokens=True)
+        parameters = sum(p.numel() for p in model.parameters())
+        seconds = time.perf_counter() - start
+        print(f"== {folder.name}: {type(model).__name__}, {parameters:,} parameters, {seconds:.1f} s")
+        print(story.strip(), end="\n\n")
+        rows.append(table_row(folder))
+    print("Evaluation (eval_results.json of each checkpoint; how each number was made: eval/results/<name>/):\n")
+    print_table(rows)
 
 
 if __name__ == "__main__":

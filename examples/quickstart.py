@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import amformers  # noqa: F401  (registers the model families with the Auto classes)
+from amformers.eval.common import format_table
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 ORDER = ("attn_stream-8m", "attn_stream-baseline-8m", "palimpsa-8m", "notpalimpsa-8m")
@@ -56,15 +57,6 @@ def table_row(folder: Path) -> dict:
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    headers = list(rows[0])
-    widths = [max(len(h), *(len(str(r[h])) for r in rows)) for h in headers]
-    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(str(row[h]).ljust(w) for h, w in zip(headers, widths)))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", default="Once upon a time, a little girl named Lily")
@@ -88,7 +80,7 @@ def main():
         print(story.strip(), end="\n\n")
         rows.append(table_row(folder))
     print("Evaluation (eval_results.json of each checkpoint; how each number was made: eval/results/<name>/):\n")
-    print_table(rows)
+    print(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -526,8 +526,13 @@ def card_block(name: str, suites: dict, metrics: dict) -> str:
     limited = {suite: limit for suite, limit in suite_limits(suites).items() if limit is not None}
     lines = [
         f"Zero-shot evaluation with `python -m amformers.eval all` (results `eval/results/{name}/` in the amformers "
-        f"repository; key numbers and the commands in `{CARD_RESULTS_FILE}`). Regenerate this block with "
-        "`python -m amformers.eval.report --cards <checkpoints folder>`. "
+        f"repository; key numbers and the commands in `{CARD_RESULTS_FILE}`)"
+        + (
+            "; the bAbI LoRA rows are test accuracy before and after fine-tuning with `examples/finetune_babi_lora.py`"
+            if "babi_lora" in suites
+            else ""
+        )
+        + ". Regenerate this block with `python -m amformers.eval.report --cards <checkpoints folder>`. "
         + (
             "Suites capped with `--limit` (examples per task / paradigm / set): "
             + ", ".join(f"{suite} {limit}" for suite, limit in sorted(limited.items()))

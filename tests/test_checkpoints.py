@@ -18,7 +18,7 @@ from amformers.eval.perplexity import TINYSTORIES_VALID, evaluate_documents, rea
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 # The checkpoints this commit ships, each trained by train/configs/<name>.yaml (see checkpoints/README.md).
-SHIPPED = ("attn_stream-8m", "attn_stream-baseline-8m", "notpalimpsa-8m")
+SHIPPED = ("attn_stream-8m", "attn_stream-baseline-8m", "palimpsa-8m", "notpalimpsa-8m")
 MAX_BYTES = 40_000_000
 # The shipped models score TinyStories' validation stories at 21-23 (their training mix is ~90% books); an untrained
 # model (uniform over 8,192 tokens) scores ~8,192, and one that only learned unigram frequencies several hundred.

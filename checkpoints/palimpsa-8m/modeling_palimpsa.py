@@ -1,0 +1,622 @@
+"""Palimpsa: a causal LM whose layers are metaplastic linear attention (Bonnet et al., arXiv 2602.09075).
+
+Each head keeps a memory mu and a precision I of shape [V, K]. Writing a token adds v k^T to the
+precision-weighted memory and beta k^2 to the precision, forgetting pulls both back towards the prior, and
+the read-out is mu q (see `kernels/palimpsa.py` for the exact recurrence). Entries that received important
+tokens become stiff, so new tokens overwrite what mattered less: the memory is a palimpsest.
+
+Layers:
+* `PalimpsaMixer`, the official code's current layer: short causal convs + SiLU on q, k, v; L2-normalised
+  q, k; Mamba2-style forgetting alpha = exp(-dt A); a per-head input gate on v; a low-rank importance beta
+  capped by softplus; a frozen prior; a D skip; a per-head gated RMSNorm and an output projection. With
+  `gates="paper"` the forgetting and importance follow the ICLR paper instead (alpha = 1 - gamma / N).
+* `MetaMamba2Mixer`, Mamba2's block (q = C, k = B, v = dt x) with the same precision state. With
+  `metaplastic=False` it is exactly Mamba2, which is how Mamba2 checkpoints come in (`amformers.convert`).
+
+Blocks are pre-norm, followed by a SwiGLU MLP when `intermediate_size > 0`; embeddings are tied. Generation
+keeps a `PalimpsaCache` (per layer the state (mu, I) and the conv windows, plus a token counter), so a
+decoding step costs the same whatever the context length. Padded positions (attention_mask == 0) are
+made no-ops (no input, no forgetting), so left padding never touches the state.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_palimpsa import PalimpsaConfig
+from .input_checks import check_labels, check_model_inputs
+from .palimpsa import palimpsa_attention
+from .remote_code import write_remote_code
+
+# The attention-implementation name under which the Triton Palimpsa kernel is selected.
+TRITON_IMPLEMENTATION = "amformers_triton"
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def causal_conv(x: torch.Tensor, conv: nn.Conv1d, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution of x [B, T, C] continuing from `window` [B, width, C] (the previous
+    conv_size - 1 inputs, zeros at the start). Returns SiLU(conv) [B, T, C] and the window for the next call.
+
+    Written as a sum of shifted products (conv_size terms): on CPU its backward is faster than Conv1d's.
+    """
+    T = x.shape[1]
+    weight = conv.weight[:, 0].to(x.dtype)  # [C, conv_size]
+    width = weight.shape[1] - 1
+    if window is None:
+        window = x.new_zeros(x.shape[0], width, x.shape[2])
+    full = torch.cat([window.to(x.dtype), x], dim=1)
+    out = full[:, :T] * weight[:, 0]
+    for i in range(1, width + 1):
+        out = out + full[:, i : i + T] * weight[:, i]
+    if conv.bias is not None:
+        out = out + conv.bias.to(x.dtype)
+    return F.silu(out), full[:, full.shape[1] - width :]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over groups of `group_size` channels, gated by SiLU(gate): before the norm (Mamba2) or after it
+    (the official Palimpsa layer, fla's FusedRMSNormGated). The weight broadcasts over the last dimension."""
+
+    def __init__(self, weight_size: int, group_size: int, eps: float, norm_before_gate: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(weight_size))
+        self.group_size, self.eps, self.norm_before_gate = group_size, eps, norm_before_gate
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x, gate = x.float(), F.silu(gate.float())
+        if not self.norm_before_gate:
+            x = x * gate
+        groups = x.view(*x.shape[:-1], -1, self.group_size)
+        x = (groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)).view(x.shape)
+        if self.norm_before_gate:
+            x = x * gate
+        return self.weight * x.to(dtype)
+
+
+def init_time_step_bias(num_heads: int, config: PalimpsaConfig) -> torch.Tensor:
+    """dt_bias such that softplus(dt_bias) is log-uniform in [time_step_min, time_step_max] (Mamba2's init)."""
+    low, high = math.log(config.time_step_min), math.log(config.time_step_max)
+    dt = torch.exp(torch.rand(num_heads) * (high - low) + low).clamp(min=config.time_step_floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+class PalimpsaMixer(nn.Module):
+    """The Palimpsa token mixer (official code's current form, or the ICLR paper's gates)."""
+
+    def __init__(self, config: PalimpsaConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        H, K, V, D = config.num_heads, config.head_dim, config.value_dim, config.hidden_size
+        self.num_heads, self.head_dim, self.value_dim = H, K, V
+        self.q_proj = nn.Linear(D, H * K, bias=False)
+        self.k_proj = nn.Linear(D, H * K, bias=False)
+        self.v_proj = nn.Linear(D, H * V, bias=False)
+        self.q_conv1d = nn.Conv1d(H * K, H * K, config.conv_size, groups=H * K, bias=config.conv_bias)
+        self.k_conv1d = nn.Conv1d(H * K, H * K, config.conv_size, groups=H * K, bias=config.conv_bias)
+        self.v_conv1d = nn.Conv1d(H * V, H * V, config.conv_size, groups=H * V, bias=config.conv_bias)
+        self.paper_gates = config.gates == "paper"
+        if self.paper_gates:
+            self.gamma_proj = nn.Linear(D, H, bias=False)  # gamma: how much to write and to forget
+            self.log_window = nn.Parameter(torch.empty(H))  # N = window_init * exp(log_window)
+        else:
+            self.dt_proj = nn.Linear(D, H, bias=False)
+            self.dt_bias = nn.Parameter(torch.empty(H))
+            self.A_log = nn.Parameter(torch.empty(H))
+            self.bs_proj = nn.Linear(D, H, bias=False)  # per-head input gate on v
+        # Low-rank importance: beta in R^V per head (the paper's gates also use it to scale v).
+        self.has_beta = self.paper_gates or config.metaplastic
+        if self.has_beta:
+            self.b_rank_proj = nn.Linear(D, config.beta_rank, bias=False)
+            self.b_proj = nn.Linear(config.beta_rank, H * V, bias=False)
+        if config.metaplastic and not self.paper_gates:
+            self.b_scale = nn.Parameter(torch.empty(H))  # beta <= softplus(b_scale): bounds the precision growth
+        # The prior precision is frozen (as in the official code): a buffer, saved with the weights.
+        self.register_buffer("log_prior_precision", torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        self.g_proj = nn.Linear(D, H * V, bias=False)
+        self.o_norm = GatedRMSNorm(V, V, config.rms_norm_eps, norm_before_gate=True)
+        self.o_proj = nn.Linear(H * V, D, bias=False)
+
+    @torch.no_grad()
+    def init_parameters(self):
+        """The official initialisation of the layer's own parameters (projections are N(0, 0.02))."""
+        config, H = self.config, self.num_heads
+        if self.paper_gates:
+            init.uniform_(self.log_window, -math.log(4), math.log(4))
+        else:
+            init.copy_(self.A_log, torch.empty(H).uniform_(0, 16).log())
+            init.copy_(self.dt_bias, init_time_step_bias(H, config))
+        if self.has_beta:
+            bound = config.beta_rank**-0.5
+            init.uniform_(self.b_proj.weight, -bound, bound)
+        if hasattr(self, "b_scale"):
+            init.ones_(self.b_scale)
+        init.constant_(self.log_prior_precision, math.log(config.prior_precision))
+        init.ones_(self.D)
+
+    def forward(self, hidden_states, mask=None, cache_layer=None, impl="auto", output_uncertainty=False):
+        B, T, _ = hidden_states.shape
+        H, K, V = self.num_heads, self.head_dim, self.value_dim
+        q, k, x = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if mask is not None:  # padded positions feed zeros to the convolutions, as at a sequence start
+            q, k, x = q * mask[..., None], k * mask[..., None], x * mask[..., None]
+        windows = cache_layer.conv_states if cache_layer is not None and cache_layer.conv_states else (None,) * 3
+        q, q_window = causal_conv(q, self.q_conv1d, windows[0])
+        k, k_window = causal_conv(k, self.k_conv1d, windows[1])
+        x, x_window = causal_conv(x, self.v_conv1d, windows[2])
+        q, k = l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, H, K))
+        x = x.view(B, T, H, V)
+
+        if self.has_beta:
+            beta = torch.sigmoid(self.b_proj(self.b_rank_proj(hidden_states)).float()).view(B, T, H, V)
+        if self.paper_gates:
+            gamma = torch.sigmoid(self.gamma_proj(hidden_states).float())
+            window = self.config.window_init * self.log_window.float().exp()
+            log_alpha = torch.log1p(-gamma / window)
+            beta = gamma[..., None] * beta
+            v = x * beta  # the paper writes beta * v: no input without importance
+        else:
+            dt = F.softplus(self.dt_proj(hidden_states).float() + self.dt_bias.float())
+            log_alpha = -dt * self.A_log.float().exp()
+            input_gate = torch.sigmoid(self.bs_proj(hidden_states).float())[..., None]
+            v = x * input_gate
+            if self.has_beta:
+                beta = beta * F.softplus(self.b_scale.float())[:, None] * input_gate
+        beta = beta if self.config.metaplastic else None
+        if mask is not None:  # padded positions: nothing written, nothing forgotten
+            v, log_alpha = v * mask[..., None, None], log_alpha * mask[..., None]
+            beta = beta * mask[..., None, None] if beta is not None else None
+
+        result = palimpsa_attention(
+            q,
+            k,
+            v.to(q.dtype),
+            beta,
+            log_alpha,
+            prior_precision=self.log_prior_precision.float().exp(),
+            initial_state=cache_layer.recurrent_state if cache_layer is not None else None,
+            output_final_state=cache_layer is not None,
+            output_uncertainty=output_uncertainty,
+            impl=impl,
+        )
+        o, final_state = result[:2]
+        if cache_layer is not None:
+            cache_layer.update(final_state, (q_window, k_window, x_window))
+        o = o + self.D.to(o.dtype)[:, None] * x
+        o = self.o_norm(o, self.g_proj(hidden_states).view(B, T, H, V))
+        return self.o_proj(o.reshape(B, T, H * V)), (result[2] if output_uncertainty else None)
+
+
+class MetaMamba2Mixer(nn.Module):
+    """Mamba2's mixer with Palimpsa's precision state: q = C, k = B, v = dt x, beta = dt sigmoid(.) softplus(b_scale).
+
+    Parameter names follow transformers' `Mamba2Mixer`, so its weights load unchanged.
+    """
+
+    def __init__(self, config: PalimpsaConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        H, K, V, G = config.num_heads, config.head_dim, config.value_dim, config.n_groups
+        self.num_heads, self.state_size, self.head_dim, self.n_groups = H, K, V, G
+        self.inner_size = H * V
+        self.conv_dim = self.inner_size + 2 * G * K
+        self.in_proj = nn.Linear(config.hidden_size, self.inner_size + self.conv_dim + H, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, config.conv_size, groups=self.conv_dim, bias=config.conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        if config.metaplastic:
+            self.b_rank_proj = nn.Linear(config.hidden_size, config.beta_rank, bias=False)
+            self.b_proj = nn.Linear(config.beta_rank, self.inner_size, bias=False)
+            self.b_scale = nn.Parameter(torch.empty(H))
+        self.register_buffer("log_prior_precision", torch.empty(H))  # frozen prior
+        self.norm = GatedRMSNorm(self.inner_size, self.inner_size // G, config.rms_norm_eps, norm_before_gate=False)
+        self.out_proj = nn.Linear(self.inner_size, config.hidden_size, bias=config.use_bias)
+
+    @torch.no_grad()
+    def init_parameters(self):
+        """Official Meta-Mamba2 initialisation of the layer's own parameters (projections are N(0, 0.02))."""
+        config, H = self.config, self.num_heads
+        init.copy_(self.A_log, torch.empty(H).uniform_(0, 16).log())
+        init.copy_(self.dt_bias, init_time_step_bias(H, config))
+        init.ones_(self.D)
+        init.constant_(self.log_prior_precision, math.log(config.prior_precision))
+        self.init_importance()
+
+    @torch.no_grad()
+    def init_importance(self, finetuning: bool = False):
+        """The importance pathway (beta). `finetuning` draws b_scale in [0.1, 1], the official choice when a
+        pretrained Mamba2 is made metaplastic; from scratch b_scale starts at 1."""
+        if not self.config.metaplastic:
+            return
+        bound = self.config.beta_rank**-0.5
+        init.normal_(self.b_rank_proj.weight, std=self.config.initializer_range)
+        init.uniform_(self.b_proj.weight, -bound, bound)
+        if finetuning:
+            init.uniform_(self.b_scale, 0.1, 1.0)
+        else:
+            init.ones_(self.b_scale)
+
+    def forward(self, hidden_states, mask=None, cache_layer=None, impl="auto", output_uncertainty=False):
+        B, T, _ = hidden_states.shape
+        H, K, V, G = self.num_heads, self.state_size, self.head_dim, self.n_groups
+        gate, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, H], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask[..., None]
+        windows = cache_layer.conv_states if cache_layer is not None and cache_layer.conv_states else (None,)
+        xBC, window = causal_conv(xBC, self.conv1d, windows[0])
+        x, Bk, C = xBC.split([self.inner_size, G * K, G * K], dim=-1)
+        x = x.view(B, T, H, V)
+        q = C.view(B, T, G, K).repeat_interleave(H // G, dim=2)
+        k = Bk.view(B, T, G, K).repeat_interleave(H // G, dim=2)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.config.time_step_limit)
+        log_alpha = -dt * self.A_log.float().exp()
+        # Mamba2 multiplies B by dt; Palimpsa must put dt on v and beta instead, since k also enters as k^2.
+        v = x.float() * dt[..., None]
+        beta = None
+        if self.config.metaplastic:
+            importance = torch.sigmoid(self.b_proj(self.b_rank_proj(hidden_states)).float()).view(B, T, H, V)
+            beta = dt[..., None] * importance * F.softplus(self.b_scale.float())[:, None]
+        if mask is not None:
+            v, log_alpha = v * mask[..., None, None], log_alpha * mask[..., None]
+            beta = beta * mask[..., None, None] if beta is not None else None
+
+        result = palimpsa_attention(
+            q,
+            k,
+            v.to(q.dtype),
+            beta,
+            log_alpha,
+            prior_precision=self.log_prior_precision.float().exp(),
+            scale=1.0,
+            initial_state=cache_layer.recurrent_state if cache_layer is not None else None,
+            output_final_state=cache_layer is not None,
+            output_uncertainty=output_uncertainty,
+            impl=impl,
+        )
+        o, final_state = result[:2]
+        if cache_layer is not None:
+            cache_layer.update(final_state, (window,))
+        o = o.float() + self.D.float()[:, None] * x.float()
+        y = self.norm(o.reshape(B, T, self.inner_size).to(hidden_states.dtype), gate)
+        return self.out_proj(y.to(hidden_states.dtype)), (result[2] if output_uncertainty else None)
+
+
+class PalimpsaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: PalimpsaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PalimpsaDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: h + mixer(norm(h)), then h + MLP(norm(h)) when the config has an MLP."""
+
+    def __init__(self, config: PalimpsaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        mixer_class = MetaMamba2Mixer if config.mixer == "mamba2" else PalimpsaMixer
+        self.mixer = mixer_class(config, layer_idx)
+        if config.intermediate_size > 0:
+            self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = PalimpsaMLP(config)
+        else:
+            self.post_attention_layernorm = self.mlp = None
+
+    def forward(self, hidden_states, mask=None, past_key_values=None, impl="auto", output_uncertainty=False, **kwargs):
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        mixed, uncertainty = self.mixer(
+            self.input_layernorm(hidden_states),
+            mask=mask,
+            cache_layer=cache_layer,
+            impl=impl,
+            output_uncertainty=output_uncertainty,
+        )
+        hidden_states = residual + mixed
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, uncertainty
+
+
+class PalimpsaCacheLayer:
+    """One layer's recurrent memory: the state (mu, I), each [B, H, V, K] float32, and the conv windows."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self):
+        self.recurrent_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.conv_states: tuple[torch.Tensor, ...] | None = None
+
+    def update(self, recurrent_state, conv_states) -> None:
+        self.recurrent_state, self.conv_states = tuple(recurrent_state), tuple(conv_states)
+
+    def _map(self, fn) -> None:
+        if self.recurrent_state is not None:
+            self.recurrent_state = tuple(fn(x) for x in self.recurrent_state)
+        if self.conv_states is not None:
+            self.conv_states = tuple(fn(x) for x in self.conv_states)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*(self.recurrent_state or ()), *(self.conv_states or ())]
+
+    def reset(self) -> None:
+        self.recurrent_state = self.conv_states = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda x: x[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("A recurrent Palimpsa state cannot be rolled back by cropping tokens.")
+
+    def offload(self) -> None:
+        self._map(lambda x: x.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        pass
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PalimpsaCache(Cache):
+    """Recurrent cache: per layer the state (mu, I) and conv windows, plus the number of tokens seen.
+
+    Its size does not depend on the context length. Built by `PalimpsaModel.forward` when `use_cache` is set.
+    """
+
+    def __init__(self, config: PalimpsaConfig | None = None, num_layers: int | None = None):
+        num_layers = config.num_hidden_layers if num_layers is None else num_layers
+        super().__init__(layers=[PalimpsaCacheLayer() for _ in range(num_layers)])
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.layers[layer_idx or 0].recurrent_state is not None
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def reset(self):
+        super().reset()
+        self.seen_tokens = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache (states and conv windows)."""
+        return sum(x.numel() * x.element_size() for layer in self.layers for x in layer.tensors())
+
+
+@dataclass
+class PalimpsaModelOutput(BaseModelOutputWithPast):
+    r"""
+    uncertainties (`tuple[torch.Tensor]`, *optional*): with `output_uncertainty=True`, one [B, T, H, V] tensor per
+        layer: the posterior-variance readout var_t[v] = sum_k q_t[k]^2 / I_t[v, k].
+    """
+
+    uncertainties: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class PalimpsaCausalLMOutput(CausalLMOutputWithPast):
+    r"""
+    uncertainties (`tuple[torch.Tensor]`, *optional*): per-layer posterior-variance readout (see `PalimpsaModelOutput`).
+    """
+
+    uncertainties: tuple[torch.Tensor, ...] | None = None
+
+
+class PalimpsaPreTrainedModel(PreTrainedModel):
+    config: PalimpsaConfig
+    config_class = PalimpsaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PalimpsaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _is_stateful = True
+    _can_record_outputs = {"hidden_states": PalimpsaDecoderLayer}
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate() must not build a DynamicCache; PalimpsaModel.forward builds a PalimpsaCache
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # Linear/Conv1d ~ N(0, initializer_range), embeddings, norms = 1
+        if isinstance(module, GatedRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, (PalimpsaMixer, MetaMamba2Mixer)):
+            module.init_parameters()
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the model's source so `trust_remote_code=True` loads it."""
+        if is_main_process:
+            write_remote_code(
+                save_directory,
+                type(self),
+                self.config,
+                {"AutoModel": PalimpsaModel, "AutoModelForCausalLM": PalimpsaForCausalLM},
+            )
+        return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+
+
+class PalimpsaModel(PalimpsaPreTrainedModel):
+    def __init__(self, config: PalimpsaConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [PalimpsaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def op_impl(self) -> str:
+        """Kernel for the memory: Triton when selected as attention implementation, else the PyTorch paths
+        (chunked for prefill and training, the single-step recurrence when decoding one token)."""
+        return "triton" if self.config._attn_implementation == TRITON_IMPLEMENTATION else "auto"
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: "PalimpsaCache | None" = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_uncertainty: bool = False,
+        **kwargs,
+    ) -> PalimpsaModelOutput:
+        r"""
+        past_key_values (`PalimpsaCache`, *optional*): the recurrent state to continue from; updated in place.
+        output_uncertainty (`bool`, defaults to `False`): also return each layer's posterior-variance readout.
+        """
+        check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        if past_key_values is not None and not isinstance(past_key_values, PalimpsaCache):
+            raise TypeError(
+                f"Palimpsa keeps a recurrent state: `past_key_values` must be a PalimpsaCache (or None), "
+                f"got {type(past_key_values).__name__}."
+            )
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                "Palimpsa takes a 2-D padding mask [batch, seq_len] (1 = token, 0 = padding); "
+                f"got a mask of shape {tuple(attention_mask.shape)}."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if self.training and torch.is_grad_enabled() and past_key_values is None:
+            use_cache = False  # training never reads the final state back
+        if use_cache and past_key_values is None:
+            past_key_values = PalimpsaCache(self.config)
+
+        seq_len = inputs_embeds.shape[1]
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask[:, -seq_len:]  # generate passes the mask of past tokens too
+            mask = None if bool(mask.all()) else mask.to(torch.float32)
+
+        hidden_states = inputs_embeds
+        uncertainties = []
+        impl = self.op_impl()
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states, uncertainty = decoder_layer(
+                hidden_states,
+                mask=mask,
+                past_key_values=past_key_values,
+                impl=impl,
+                output_uncertainty=output_uncertainty,
+                **kwargs,
+            )
+            uncertainties.append(uncertainty)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += seq_len
+
+        hidden_states = self.norm(hidden_states)
+        return PalimpsaModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            uncertainties=tuple(uncertainties) if output_uncertainty else None,
+        )
+
+
+class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: PalimpsaConfig):
+        super().__init__(config)
+        self.model = PalimpsaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: PalimpsaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_uncertainty: bool = False,
+        **kwargs,
+    ) -> PalimpsaCausalLMOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Targets for the next-token loss; the shift happens inside. Positions set to -100 are ignored.
+        logits_to_keep (`int` or `torch.Tensor`, defaults to 0): compute logits only for the last N positions
+            (0 keeps all), or for the given indices.
+        output_uncertainty (`bool`, defaults to `False`): also return each layer's posterior-variance readout.
+        """
+        kwargs.pop("position_ids", None)  # no positional encoding: the recurrence orders tokens
+        outputs: PalimpsaModelOutput = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_uncertainty=output_uncertainty,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            check_labels(labels, input_ids, inputs_embeds)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return PalimpsaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            uncertainties=outputs.uncertainties,
+        )
+
+
+__all__ = ["PalimpsaCache", "PalimpsaForCausalLM", "PalimpsaModel", "PalimpsaPreTrainedModel"]

@@ -28,6 +28,7 @@ COLUMNS = (  # (key in eval_results.json, header, format)
     ("ioi_mean_logit_diff", "IOI logit diff", "{:+.3f}"),
     ("blimp_accuracy", "BLiMP acc", "{:.3f}"),
     ("babi_mean_accuracy", "bAbI acc (0-shot)", "{:.3f}"),
+    ("babi_lora_accuracy_after", "bAbI task 1 acc after LoRA", "{:.3f}"),
 )
 
 
@@ -80,7 +81,8 @@ def main():
         print(story.strip(), end="\n\n")
         rows.append(table_row(folder))
     print("Evaluation (eval_results.json of each checkpoint; how each number was made: eval/results/<name>/):\n")
-    print(format_table(rows))
+    headers = [h for h in rows[0] if any(row[h] for row in rows)]  # drop suites no checkpoint has run
+    print(format_table([{h: row[h] for h in headers} for row in rows]))
 
 
 if __name__ == "__main__":

@@ -46,14 +46,13 @@ def read_json(path: Path) -> dict:
 
 def table_row(folder: Path) -> dict:
     results, summary = read_json(folder / "eval_results.json"), read_json(folder / "training_summary.json")
-    metrics = results.get("metrics", results)
     row = {
         "model": folder.name,
         "tokens": f"{summary['tokens'] / 1e6:.2f}M" if "tokens" in summary else "",
         "train h": f"{summary['train_seconds'] / 3600:.2f}" if "train_seconds" in summary else "",
     }
     for key, header, fmt in COLUMNS:
-        value = metrics.get(key)
+        value = results.get(key)
         row[header] = fmt.format(value) if isinstance(value, (int, float)) else ""
     return row
 

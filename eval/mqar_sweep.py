@@ -11,24 +11,31 @@ Every model has 2 layers and no MLP (zoology's Identity state mixer: AttnStream 
 Palimpsa models are built with intermediate_size=0),
 d_model in {64, 128}, d/16 heads of key dim 16 and value dim 32 (the Palimpsa MQAR configs: expand_v 2; for the
 mamba2 mixer head_dim is the SSM state size, so Mamba2 heads are 32 wide with state 16 and n_groups = heads).
-Data: eval/mqar.py, vocab 8192, (seq_len, kv pairs) in {(128, 16), (128, 32), (256, 32), (256, 64)}, power_a 0.01,
-train/test from disjoint seeds. Training: AdamW (weight decay 0.1), cosine schedule, lr in logspace(-3, -2, 3),
-early stop once test accuracy reaches 99%; the loss and logits are computed at the asked positions only.
-The reported accuracy of a (family, d, seq_len, kv) cell is the best over learning rates, as in zoology.
-Recurrent state per sequence: attention 2 * layers * seq_len * kv_heads * head_dim (its KV cache); linear
-recurrences layers * heads * d_k * d_v, twice that for metaplastic models (mean and importance states), unless
-the model reports `recurrent_state_size()` itself.
+Palimpsa-family layers start from the official MQAR harness's "small forgetting" init (`small_forgetting_init`).
+Data: eval/mqar.py, power_a 0.01, train/test from disjoint seeds. Training: AdamW (weight decay 0.1), cosine
+schedule to 0, batch 64, test accuracy after every epoch, early stop once it reaches 99%; the loss and logits are
+computed at the asked positions only. The reported accuracy of a (family, d, seq_len, kv) cell is the best over
+learning rates, as in zoology. Recurrent state per sequence: attention 2 * layers * seq_len * kv_heads * head_dim
+(its KV cache); linear recurrences layers * heads * d_k * d_v, twice that for metaplastic models (mean and
+importance states), unless the model reports `recurrent_state_size()` itself.
 
-The full default grid (6 families x 2 widths x 4 tasks x 3 learning rates, 5,000 examples x 8 epochs) is sized
-for a GPU: on a 2-core CPU a training step of the recurrent families takes seconds, so run slices there, e.g.
+The default grid is sized for this 2-core CPU (a few CPU-hours, two processes sharing it): 6 families x d_model
+{64, 128} x (seq_len, kv pairs) in {(128, 16), (256, 32)} x lr {3e-3, 1e-3}, vocab 256, 16,000 training examples x
+4 epochs (1,000 steps), 1,000 test examples. Zoology and the official Palimpsa sweep train 100,000 examples for
+60-64 epochs with vocab 8192 on a GPU; the flags reach that grid (add the tasks 128x32 and 256x64).
 
-    nice -n 10 python -m amformers.eval.mqar_sweep run --families attention attn_values --d-models 64 --tasks 128x16
-    python -m amformers.eval.mqar_sweep summarise                                       # -> eval/results/mqar.json
+    python -m amformers.eval.mqar_sweep run &        # resumable (runs/mqar/results.jsonl); start it twice to use
+    python -m amformers.eval.mqar_sweep run &        # two cores: the processes claim cells in runs/mqar/claims/
+    python -m amformers.eval.mqar_sweep summarise    # -> eval/results/mqar.json
 """
 
 import argparse
+import itertools
 import json
 import math
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -40,9 +47,10 @@ from .common import REPO_ROOT, RESULTS_ROOT, git_commit
 from .mqar import mqar, split_seed
 
 FAMILIES = ("attention", "attn_values", "palimpsa", "not_palimpsa", "meta_mamba2", "mamba2")
-DEFAULT_TASKS = ((128, 16), (128, 32), (256, 32), (256, 64))
+DEFAULT_TASKS = ((128, 16), (256, 32))  # the CPU grid; the GPU grid adds (128, 32) and (256, 64)
+DEFAULT_LRS = (3e-3, 1e-3)  # in this order: a sweep stopped early has every family and width at 3e-3
 RUNS_DIR = REPO_ROOT / "runs" / "mqar"
-VOCAB = 8192
+VOCAB = 256  # the CPU grid; zoology uses 8192
 
 
 class NoMLP(nn.Module):
@@ -56,6 +64,21 @@ def drop_mlps(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(getattr(module, "mlp", None), nn.Module):
             module.mlp = NoMLP()
+    return model
+
+
+@torch.no_grad()
+def small_forgetting_init(model: nn.Module) -> nn.Module:
+    """The official MQAR harness's "small forgetting" initialisation of every Palimpsa / Meta-Mamba2 layer: decay
+    rates A = linspace(0.01, 0.16) and time steps dt from 0.1 down to 0.001 (log-spaced) across heads, so that the
+    slowest heads still remember the key-value pairs when their queries come (the language-model init, A ~ U(0, 16),
+    forgets most of a 128-token context)."""
+    for module in model.modules():
+        if hasattr(module, "A_log") and hasattr(module, "dt_bias"):
+            heads = module.A_log.numel()
+            dt = torch.logspace(math.log10(0.1), math.log10(0.001), heads)
+            module.A_log.copy_(torch.linspace(0.01, 0.16, heads).log())
+            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
     return model
 
 
@@ -81,7 +104,7 @@ def build_model(family: str, d_model: int, seq_len: int, vocab_size: int = VOCAB
         intermediate_size=0, metaplastic=family in ("palimpsa", "meta_mamba2"), bos_token_id=None, eos_token_id=None,
         **({"mixer": "mamba2", "n_groups": heads} if mamba else {}),
     )  # fmt: skip
-    return drop_mlps(PalimpsaForCausalLM(config))
+    return small_forgetting_init(drop_mlps(PalimpsaForCausalLM(config)))
 
 
 def recurrent_state_size(model, family: str, seq_len: int) -> int:
@@ -173,44 +196,83 @@ def run_key(family, d, seq_len, kv, lr, seed) -> str:
     return f"{family}-d{d}-L{seq_len}-kv{kv}-lr{lr:.2e}-s{seed}"
 
 
+def _claim(claims: Path, key: str) -> bool:
+    """Atomically claim a cell for this process (a file holding its PID); a claim whose process died is taken over."""
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / key
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(path.read_text() or 0), 0)
+            return False  # another live process trains this cell
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # its process died: retry once
+            return _claim(claims, key) if not path.exists() else False
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
+
+
 def run_sweep(
     families, d_models, tasks, lrs, train_examples, test_examples, epochs, batch_size, seeds, out_dir=RUNS_DIR,
-    vocab_size=VOCAB,
+    vocab_size=VOCAB, command: str | None = None,
 ):  # fmt: skip
-    """Every cell not in out_dir/results.jsonl yet; one line per finished run (so the sweep resumes)."""
+    """Every cell not in out_dir/results.jsonl yet; one line per finished run (so the sweep resumes).
+
+    Cells run task by task, then learning rate by learning rate, with every width and family inside, so a sweep
+    stopped early still compares the families (and widths, for equal state sizes) on the cells it finished.
+    Several processes may run the same sweep at once: each claims a cell before training it (out_dir/claims/)."""
     torch.set_num_threads(1)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.jsonl"
-    done = (
-        {json.loads(line)["key"] for line in results_file.read_text().splitlines()} if results_file.is_file() else set()
-    )
+    available = []
     for family in families:
         if build_model(family, 16, 16, vocab_size=64) is None:
             print(f"{family}: model class not available (amformers.PalimpsaConfig missing): skipped.", flush=True)
+        else:
+            available.append(family)
+    for seed, (seq_len, kv), lr, d, family in itertools.product(seeds, tasks, lrs, d_models, available):
+        key = run_key(family, d, seq_len, kv, lr, seed)
+        lines = results_file.read_text().splitlines() if results_file.is_file() else []
+        if key in {json.loads(line)["key"] for line in lines} or not _claim(out_dir / "claims", key):
             continue
-        for seed in seeds:
-            for d in d_models:
-                for seq_len, kv in tasks:
-                    for lr in lrs:
-                        key = run_key(family, d, seq_len, kv, lr, seed)
-                        if key in done:
-                            continue
-                        result = train_one(
-                            family,
-                            d,
-                            seq_len,
-                            kv,
-                            lr,
-                            train_examples,
-                            test_examples,
-                            epochs,
-                            batch_size,
-                            seed,
-                            vocab_size,
-                        )
-                        with results_file.open("a") as handle:
-                            handle.write(json.dumps({"key": key, **result}) + "\n")
-                        print(f"{key}: acc {result['test_accuracy']:.3f} in {result['seconds']:.0f}s", flush=True)
+        result = train_one(
+            family, d, seq_len, kv, lr, train_examples, test_examples, epochs, batch_size, seed, vocab_size
+        )  # fmt: skip
+        with results_file.open("a") as handle:  # one write of one line: concurrent sweeps do not interleave
+            handle.write(json.dumps({"key": key, "command": command, **result}) + "\n")
+        (out_dir / "claims" / key).unlink(missing_ok=True)
+        print(f"{key}: acc {result['test_accuracy']:.3f} in {result['seconds']:.0f}s", flush=True)
+
+
+CLAIM_PAIRS = (("palimpsa", "not_palimpsa"), ("palimpsa", "mamba2"), ("meta_mamba2", "mamba2"))
+
+
+def claim_comparisons(rows: list[dict]) -> list[dict]:
+    """Each metaplastic model against each non-metaplastic peer on the same task and seed, matched once by equal
+    recurrent state size (a metaplastic state is twice as large, so its peer is twice as wide) and once by equal
+    d_model."""
+    comparisons = []
+    for family, peer in CLAIM_PAIRS:
+        for row in (r for r in rows if r["family"] == family):
+            task = (row["seq_len"], row["kv_pairs"], row["seed"])
+            for match, key in (("equal state size", "state_size"), ("equal d_model", "d_model")):
+                for other in rows:
+                    if (
+                        other["family"] == peer
+                        and (other["seq_len"], other["kv_pairs"], other["seed"]) == task
+                        and (other[key] == row[key])
+                    ):
+                        comparisons.append({
+                            "match": match, "seq_len": row["seq_len"], "kv_pairs": row["kv_pairs"], "seed": row["seed"],
+                            "model": family, "model_d_model": row["d_model"], "model_state_size": row["state_size"],
+                            "model_accuracy": row["best_test_accuracy"],
+                            "peer": peer, "peer_d_model": other["d_model"], "peer_state_size": other["state_size"],
+                            "peer_accuracy": other["best_test_accuracy"],
+                            "difference": row["best_test_accuracy"] - other["best_test_accuracy"],
+                        })  # fmt: skip
+    return comparisons
 
 
 def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_ROOT / "mqar.json") -> dict:
@@ -220,7 +282,7 @@ def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_
         cell = (run["family"], run["d_model"], run["seq_len"], run["kv_pairs"], run["seed"])
         if cell not in cells or run["best_test_accuracy"] > cells[cell]["best_test_accuracy"]:
             cells[cell] = run
-    rows = [{k: v for k, v in run.items() if k not in ("history", "key")} for run in cells.values()]
+    rows = [{k: v for k, v in run.items() if k not in ("history", "key", "command")} for run in cells.values()]
     by_family = {}
     for row in rows:
         entry = by_family.setdefault(row["family"], {"state_size": [], "accuracy": [], "seconds": []})
@@ -229,7 +291,10 @@ def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_
         entry["seconds"].append(row["seconds"])
     result = {
         "claim": "Palimpsa beats its non-metaplastic twin and Mamba2 on MQAR at equal state size (Bonnet et al.)",
+        "claim_comparisons": claim_comparisons(rows),
         "command": "python -m amformers.eval.mqar_sweep summarise",
+        "sweep_command": " ; ".join(c for c in dict.fromkeys(r.get("command") for r in runs) if c) or None,
+        "config": runs[0]["config"] if runs and all(r["config"] == runs[0]["config"] for r in runs) else None,
         "git_commit": git_commit(),
         "best_over_lr": sorted(rows, key=lambda r: (r["family"], r["d_model"], r["seq_len"], r["kv_pairs"])),
         "mean_accuracy_by_family": {f: float(np.mean(e["accuracy"])) for f, e in by_family.items()},
@@ -241,25 +306,28 @@ def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run")
     run.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
     run.add_argument("--d-models", type=int, nargs="*", default=[64, 128])
     run.add_argument("--tasks", nargs="*", default=[f"{a}x{b}" for a, b in DEFAULT_TASKS], help="SEQLENxKV")
-    run.add_argument("--lrs", type=float, nargs="*", default=np.logspace(-3, -2, 3).tolist())
-    run.add_argument("--train-examples", type=int, default=5_000)
+    run.add_argument("--lrs", type=float, nargs="*", default=list(DEFAULT_LRS))
+    run.add_argument("--train-examples", type=int, default=16_000)
     run.add_argument("--test-examples", type=int, default=1_000)
-    run.add_argument("--epochs", type=int, default=8)
+    run.add_argument("--epochs", type=int, default=4)
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--seeds", type=int, nargs="*", default=[0])
+    run.add_argument("--vocab-size", type=int, default=VOCAB)
     run.add_argument("--out-dir", type=Path, default=RUNS_DIR)
     commands.add_parser("summarise")
     args = parser.parse_args(argv)
     if args.command == "run":
         tasks = [tuple(int(v) for v in t.split("x")) for t in args.tasks]
         run_sweep(args.families, args.d_models, tasks, args.lrs, args.train_examples, args.test_examples, args.epochs,
-                  args.batch_size, args.seeds, args.out_dir)  # fmt: skip
+                  args.batch_size, args.seeds, args.out_dir, args.vocab_size,
+                  "python -m amformers.eval.mqar_sweep " + shlex.join(argv))  # fmt: skip
     else:
         result = summarise()
         print(json.dumps(result["mean_accuracy_by_family"], indent=1))

@@ -122,13 +122,19 @@ def icl_section(results: Path) -> list[str]:
             )
         speed = entry.get("speedup_vs_baseline", {}).get("ic")
         row["ic: fewer steps than baseline"] = f"{speed:+.0%}" if speed is not None else ""
+        learned = [r["history"][-1].get("stream_weights") for r in data["runs"] if r["variant"] == variant]
+        learned = [w for w in learned if w]
+        row["final (w_own, w_src), mean over seeds"] = (
+            "({:.2f}, {:.2f})".format(*(sum(w[i] for w in learned) / len(learned) for i in range(2))) if learned else ""
+        )
         rows.append(row)
     if rows:
         c = data["runs"][0]["config"]
         lines += [
             f"Steps to 95% accuracy, mean ± std over the seeds that reached it (reached/seeds); test sets of "
             f"{c['test_size']} sequences evaluated every {c['eval_every']} iterations; runs stop when "
-            f"{' and '.join(c.get('stop_sets', ICL_SETS))} reach 95% or after {c['iterations']} iterations.",
+            f"{' and '.join(c.get('stop_sets', ICL_SETS))} reach 95% or after {c['iterations']} iterations. "
+            f"The claim tested: {data['claim']}.",
             "",
             format_table(rows),
             "",
@@ -171,40 +177,50 @@ def mqar_section(results: Path) -> list[str]:
     data = _load(results / "mqar.json")
     if not data or not data["best_over_lr"]:
         return []
-    rows = [
-        {
-            k: r[k]
-            for k in ("family", "d_model", "seq_len", "kv_pairs", "state_size", "best_test_accuracy", "lr", "seconds")
-        }
-        for r in data["best_over_lr"]
-    ]
+    columns = ("family", "d_model", "seq_len", "kv_pairs", "state_size", "best_test_accuracy", "lr", "steps", "seconds")
+    rows = [{k: r[k] for k in columns} for r in data["best_over_lr"]]
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    tasks = sorted({(r["seq_len"], r["kv_pairs"]) for r in rows})
+    markers = "osD^v<>"
     for i, family in enumerate(sorted({r["family"] for r in rows})):
-        mine = [r for r in rows if r["family"] == family]
-        left.scatter(
-            [r["state_size"] for r in mine], [r["best_test_accuracy"] for r in mine], label=family, color=f"C{i}"
-        )
-        right.scatter(
-            [r["seconds"] for r in mine], [r["best_test_accuracy"] for r in mine], label=family, color=f"C{i}"
-        )
+        for j, task in enumerate(tasks):
+            mine = [r for r in rows if r["family"] == family and (r["seq_len"], r["kv_pairs"]) == task]
+            label = family if j == 0 else None
+            style = {"color": f"C{i}", "marker": markers[j % len(markers)], "label": label}
+            left.scatter([r["state_size"] for r in mine], [r["best_test_accuracy"] for r in mine], **style)
+            right.scatter([r["seconds"] for r in mine], [r["best_test_accuracy"] for r in mine], **style)
     left.set_xscale("log")
     left.set_xlabel("recurrent state size (numbers per sequence)")
     right.set_xscale("log")
     right.set_xlabel("training wall time (s)")
     left.set_ylabel("MQAR accuracy (best lr)")
+    left.set_title("markers: " + ", ".join(f"{m} L={a} kv={b}" for m, (a, b) in zip(markers, tasks)), fontsize=7)
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(results / "mqar.png", dpi=110)
     plt.close(fig)
-    return [
+    config = data.get("config") or {}
+    lines = [
         "## MQAR",
         "",
-        f"{data['runs']} runs; plot: `eval/results/mqar.png`.",
+        f"{data['runs']} runs, best test accuracy over learning rates per cell; "
+        + (", ".join(f"{k} {v}" for k, v in config.items()) + "; " if config else "")
+        + f"command: `{data.get('sweep_command', data['command'])}`. Plot: `eval/results/mqar.png`.",
         "",
         format_table(rows, floatfmt=".3f"),
         "",
     ]
+    comparisons = data.get("claim_comparisons") or []
+    if comparisons:
+        lines += [
+            f"Claim: {data['claim']}. Metaplastic model minus its peer, same task and seed "
+            "(a metaplastic state holds two numbers per entry, so at equal state size its peer is twice as wide):",
+            "",
+            format_table(comparisons, floatfmt=".3f"),
+            "",
+        ]
+    return lines
 
 
 def load_models(results: Path) -> dict[str, dict[str, dict]]:

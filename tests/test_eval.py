@@ -304,22 +304,36 @@ def test_report_renders_tables_from_results_and_updates_only_the_readme_block(ti
     )
     from amformers.eval import icl_reddy
 
-    for variant in ("baseline", "values"):
+    for variant in ("baseline", "values", "learned-values"):
         icl_reddy.train(
             variant, 0, iterations=2, eval_every=2, test_size=8, batch_size=4, run_dir=tmp_path / f"runs/{variant}_s0"
         )
     icl_reddy.summarise(results / "icl_reddy.json", tmp_path / "runs")
     text = report.render(results)
     assert "| values | 1 |" in text and (results / "icl_reddy.png").is_file()
+    (learned,) = [
+        r["history"][-1]["stream_weights"]
+        for r in json.loads((results / "icl_reddy.json").read_text())["runs"]
+        if r["variant"] == "learned-values"
+    ]
+    assert "| learned-values | 1 |" in text and "({:.2f}, {:.2f})".format(*learned) in text
+    from amformers.eval import mqar_sweep
+
+    runs = tmp_path / "mqar"
+    mqar_sweep.run_sweep(["palimpsa", "not_palimpsa"], [16, 32], [(16, 2)], [3e-3], 8, 8, 1, 8, [0], runs, 32)
+    mqar_sweep.summarise(runs / "results.jsonl", results / "mqar.json")
+    text = report.render(results)
+    assert "## MQAR" in text and "| equal state size | 16 | 2 | 0 | palimpsa | 16 |" in text
+    assert (results / "mqar.png").is_file()
     ioi_json = json.loads((results / tiny_model_dir.name / "ioi.json").read_text())
     assert f"{ioi_json['summary']['official']['accuracy']:.4f}" in text
     assert "| 100 | 512 | 20 | 1.25 | 907 |" in text and (results / "amicl.png").is_file()
     readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nintro\n\n{report.README_BEGIN}\nold\n{report.README_END}\n\n## After\n")
+    readme.write_text(f"# Title\n\nintro\n\n{report.README_BEGIN}\nstale block\n{report.README_END}\n\n## After\n")
     report.update_readme(text, readme)
     updated = readme.read_text()
     assert updated.startswith("# Title\n\nintro\n\n") and updated.endswith(f"{report.README_END}\n\n## After\n")
-    assert "old" not in updated and "#### AMICL" in updated
+    assert "stale block" not in updated and "#### AMICL" in updated
 
 
 SHIPPED = ("attn_stream-8m", "attn_stream-baseline-8m", "palimpsa-8m", "notpalimpsa-8m")

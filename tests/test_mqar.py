@@ -1,6 +1,8 @@
 """MQAR data (eval/mqar.py) against zoology's semantics, checked example by example."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -90,3 +92,35 @@ def test_sweep_builds_every_recurrent_family_without_mlp(family):
     x, y = mqar(2, 32, 4, vocab_size=64, seed=0)
     logits, targets = mqar_sweep.asked_logits(model, x, y)
     assert logits.shape == (8, 64) and targets.shape == (8,)
+
+
+def test_claim_comparisons_match_peers_by_state_size_and_by_width():
+    from amformers.eval.mqar_sweep import claim_comparisons
+
+    def row(family, d, state, acc):
+        return {"family": family, "d_model": d, "state_size": state, "best_test_accuracy": acc, "seq_len": 128,
+                "kv_pairs": 16, "seed": 0}  # fmt: skip
+
+    rows = [row("palimpsa", 64, 8192, 0.5), row("not_palimpsa", 64, 4096, 0.2), row("not_palimpsa", 128, 8192, 0.4)]
+    found = {(c["match"], c["peer_d_model"]): c["difference"] for c in claim_comparisons(rows)}
+    assert found == {("equal state size", 128): pytest.approx(0.1), ("equal d_model", 64): pytest.approx(0.3)}
+    other_task = [{**r, "seq_len": 256} if r["family"] == "not_palimpsa" else r for r in rows]
+    assert claim_comparisons(other_task) == []  # peers on another task are never compared
+
+
+def test_concurrent_sweeps_skip_cells_another_live_process_claimed(tmp_path):
+    import os
+
+    from amformers.eval import mqar_sweep
+
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    taken = mqar_sweep.run_key("attention", 32, 32, 4, 3e-3, 0)
+    (claims / taken).write_text(str(os.getppid()))  # a live process (pytest's parent) trains this cell
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = mqar_sweep.run_key("attn_values", 32, 32, 4, 3e-3, 0)
+    (claims / stale).write_text(dead.stdout.strip())  # a crashed sweep left this claim behind
+    mqar_sweep.run_sweep(["attention", "attn_values"], [32], [(32, 4)], [3e-3], 32, 16, 1, 32, [0], tmp_path, 64)
+    runs = [json.loads(line)["key"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert runs == [stale]  # the stale claim was taken over, the live one respected
+    assert not (claims / stale).exists() and (claims / taken).exists()

@@ -278,11 +278,16 @@ def claim_comparisons(rows: list[dict]) -> list[dict]:
 def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_ROOT / "mqar.json") -> dict:
     runs = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
     cells: dict[tuple, dict] = {}
+    lrs_tried: dict[tuple, list[float]] = {}
     for run in runs:
         cell = (run["family"], run["d_model"], run["seq_len"], run["kv_pairs"], run["seed"])
+        lrs_tried.setdefault(cell, []).append(run["lr"])
         if cell not in cells or run["best_test_accuracy"] > cells[cell]["best_test_accuracy"]:
             cells[cell] = run
-    rows = [{k: v for k, v in run.items() if k not in ("history", "key", "command")} for run in cells.values()]
+    rows = [
+        {**{k: v for k, v in run.items() if k not in ("history", "key", "command")}, "lrs_tried": len(lrs_tried[cell])}
+        for cell, run in cells.items()
+    ]
     by_family = {}
     for row in rows:
         entry = by_family.setdefault(row["family"], {"state_size": [], "accuracy": [], "seconds": []})

@@ -177,8 +177,8 @@ def mqar_section(results: Path) -> list[str]:
     data = _load(results / "mqar.json")
     if not data or not data["best_over_lr"]:
         return []
-    columns = ("family", "d_model", "seq_len", "kv_pairs", "state_size", "best_test_accuracy", "lr", "steps", "seconds")
-    rows = [{k: r[k] for k in columns} for r in data["best_over_lr"]]
+    columns = ("family", "d_model", "seq_len", "kv_pairs", "state_size", "best_test_accuracy", "lr", "lrs_tried")
+    rows = [{k: r.get(k) for k in (*columns, "steps", "seconds")} for r in data["best_over_lr"]]
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     tasks = sorted({(r["seq_len"], r["kv_pairs"]) for r in rows})

@@ -19,10 +19,11 @@ learning rates, as in zoology. Recurrent state per sequence: attention 2 * layer
 (its KV cache); linear recurrences layers * heads * d_k * d_v, twice that for metaplastic models (mean and
 importance states), unless the model reports `recurrent_state_size()` itself.
 
-The default grid is sized for this 2-core CPU (a few CPU-hours, two processes sharing it): 6 families x d_model
-{64, 128} x (seq_len, kv pairs) in {(128, 16), (256, 32)} x lr {3e-3, 1e-3}, vocab 256, 16,000 training examples x
-4 epochs (1,000 steps), 1,000 test examples. Zoology and the official Palimpsa sweep train 100,000 examples for
-60-64 epochs with vocab 8192 on a GPU; the flags reach that grid (add the tasks 128x32 and 256x64).
+The default grid is sized for this 2-core CPU (about 10 CPU-hours, so 5 hours for two processes): 6 families x d_model
+{64, 128} x (seq_len, kv pairs) in {(128, 16), (256, 32)} x lr {3e-3, 1e-3}, vocab max(256, 2 * seq_len), 16,000
+training examples x 4 epochs (1,000 steps), 1,000 test examples. Zoology and the official Palimpsa sweep train
+100,000 examples for 60-64 epochs with vocab 8192 on a GPU; the flags reach that grid (add the tasks 128x32 and
+256x64).
 
     python -m amformers.eval.mqar_sweep run &        # resumable (runs/mqar/results.jsonl); start it twice to use
     python -m amformers.eval.mqar_sweep run &        # two cores: the processes claim cells in runs/mqar/claims/
@@ -51,6 +52,12 @@ DEFAULT_TASKS = ((128, 16), (256, 32))  # the CPU grid; the GPU grid adds (128, 
 DEFAULT_LRS = (3e-3, 1e-3)  # in this order: a sweep stopped early has every family and width at 3e-3
 RUNS_DIR = REPO_ROOT / "runs" / "mqar"
 VOCAB = 256  # the CPU grid; zoology uses 8192
+
+
+def task_vocab(seq_len: int, vocab_size: int | None = None) -> int:
+    """The vocabulary a task trains with: vocab_size when given, else the CPU grid's 256 widened to 2 * seq_len, since
+    zoology's generator needs more tokens than positions (L=256 trains with 512)."""
+    return vocab_size if vocab_size is not None else max(VOCAB, 2 * seq_len)
 
 
 class NoMLP(nn.Module):
@@ -216,7 +223,7 @@ def _claim(claims: Path, key: str) -> bool:
 
 def run_sweep(
     families, d_models, tasks, lrs, train_examples, test_examples, epochs, batch_size, seeds, out_dir=RUNS_DIR,
-    vocab_size=VOCAB, command: str | None = None,
+    vocab_size=None, command: str | None = None,
 ):  # fmt: skip
     """Every cell not in out_dir/results.jsonl yet; one line per finished run (so the sweep resumes).
 
@@ -232,13 +239,16 @@ def run_sweep(
             print(f"{family}: model class not available (amformers.PalimpsaConfig missing): skipped.", flush=True)
         else:
             available.append(family)
+    for seq_len, kv in tasks:  # fail now, not hours into the sweep, on a task the generator cannot make
+        mqar(1, seq_len, kv, task_vocab(seq_len, vocab_size))
     for seed, (seq_len, kv), lr, d, family in itertools.product(seeds, tasks, lrs, d_models, available):
         key = run_key(family, d, seq_len, kv, lr, seed)
         lines = results_file.read_text().splitlines() if results_file.is_file() else []
         if key in {json.loads(line)["key"] for line in lines} or not _claim(out_dir / "claims", key):
             continue
         result = train_one(
-            family, d, seq_len, kv, lr, train_examples, test_examples, epochs, batch_size, seed, vocab_size
+            family, d, seq_len, kv, lr, train_examples, test_examples, epochs, batch_size, seed,
+            task_vocab(seq_len, vocab_size),
         )  # fmt: skip
         with results_file.open("a") as handle:  # one write of one line: concurrent sweeps do not interleave
             handle.write(json.dumps({"key": key, "command": command, **result}) + "\n")
@@ -294,12 +304,23 @@ def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_
         entry["state_size"].append(row["state_size"])
         entry["accuracy"].append(row["best_test_accuracy"])
         entry["seconds"].append(row["seconds"])
+    # the settings every run shared; the rest (the vocabulary grows with seq_len) stays in each row's config
+    shared_config = (
+        {k: v for k, v in runs[0]["config"].items() if all(r["config"].get(k) == v for r in runs)} if runs else None
+    )
+    vocab_by_length = {}
+    for run in runs:
+        vocab_by_length.setdefault(str(run["seq_len"]), set()).add(run["config"]["vocab_size"])
+    vocab_by_length = {
+        length: sorted(sizes) for length, sizes in sorted(vocab_by_length.items(), key=lambda i: int(i[0]))
+    }
     result = {
         "claim": "Palimpsa beats its non-metaplastic twin and Mamba2 on MQAR at equal state size (Bonnet et al.)",
         "claim_comparisons": claim_comparisons(rows),
         "command": "python -m amformers.eval.mqar_sweep summarise",
         "sweep_command": " ; ".join(c for c in dict.fromkeys(r.get("command") for r in runs) if c) or None,
-        "config": runs[0]["config"] if runs and all(r["config"] == runs[0]["config"] for r in runs) else None,
+        "config": shared_config,
+        "vocab_size_by_seq_len": vocab_by_length,
         "git_commit": git_commit(),
         "best_over_lr": sorted(rows, key=lambda r: (r["family"], r["d_model"], r["seq_len"], r["kv_pairs"])),
         "mean_accuracy_by_family": {f: float(np.mean(e["accuracy"])) for f, e in by_family.items()},
@@ -324,9 +345,11 @@ def main(argv=None):
     run.add_argument("--epochs", type=int, default=4)
     run.add_argument("--batch-size", type=int, default=64)
     run.add_argument("--seeds", type=int, nargs="*", default=[0])
-    run.add_argument("--vocab-size", type=int, default=VOCAB)
+    run.add_argument("--vocab-size", type=int, default=None, help="default: max(256, 2 * seq_len) per task")
     run.add_argument("--out-dir", type=Path, default=RUNS_DIR)
-    commands.add_parser("summarise")
+    summary = commands.add_parser("summarise")
+    summary.add_argument("--runs-file", type=Path, default=RUNS_DIR / "results.jsonl")
+    summary.add_argument("--out", type=Path, default=RESULTS_ROOT / "mqar.json")
     args = parser.parse_args(argv)
     if args.command == "run":
         tasks = [tuple(int(v) for v in t.split("x")) for t in args.tasks]
@@ -334,7 +357,7 @@ def main(argv=None):
                   args.batch_size, args.seeds, args.out_dir, args.vocab_size,
                   "python -m amformers.eval.mqar_sweep " + shlex.join(argv))  # fmt: skip
     else:
-        result = summarise()
+        result = summarise(args.runs_file, args.out)
         print(json.dumps(result["mean_accuracy_by_family"], indent=1))
 
 

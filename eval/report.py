@@ -206,6 +206,11 @@ def mqar_section(results: Path) -> list[str]:
         "",
         f"{data['runs']} runs, best test accuracy over learning rates per cell; "
         + (", ".join(f"{k} {v}" for k, v in config.items()) + "; " if config else "")
+        + "".join(
+            f"vocab_size {'/'.join(map(str, sizes))} at seq_len {length}; "
+            for length, sizes in (data.get("vocab_size_by_seq_len") or {}).items()
+            if "vocab_size" not in config
+        )
         + f"command: `{data.get('sweep_command', data['command'])}`. Plot: `eval/results/mqar.png`.",
         "",
         format_table(rows, floatfmt=".3f"),

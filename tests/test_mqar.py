@@ -75,6 +75,14 @@ def test_sweep_trains_a_tiny_attention_model_and_measures_like_zoology(tmp_path)
     assert run["family"] == "attn_values" and run["steps"] == 4 and 0.0 <= run["test_accuracy"] <= 1.0
     summary = mqar_sweep.summarise(tmp_path / "results.jsonl", tmp_path / "mqar.json")
     assert summary["best_over_lr"][0]["state_size"] == run["state_size"]
+    assert summary["config"]["vocab_size"] == 64
+
+    longer = {**run, "key": run["key"] + "-L64", "seq_len": 64, "config": {**run["config"], "vocab_size": 128}}
+    with (tmp_path / "results.jsonl").open("a") as handle:  # a second task whose vocabulary is wider
+        handle.write(json.dumps(longer) + "\n")
+    summary = mqar_sweep.summarise(tmp_path / "results.jsonl", tmp_path / "mqar.json")
+    assert "vocab_size" not in summary["config"] and summary["config"]["epochs"] == 2
+    assert summary["vocab_size_by_seq_len"] == {"32": [64], "64": [128]}
 
 
 @pytest.mark.parametrize("family", ["palimpsa", "not_palimpsa", "meta_mamba2", "mamba2"])
@@ -124,3 +132,17 @@ def test_concurrent_sweeps_skip_cells_another_live_process_claimed(tmp_path):
     runs = [json.loads(line)["key"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert runs == [stale]  # the stale claim was taken over, the live one respected
     assert not (claims / stale).exists() and (claims / taken).exists()
+
+
+def test_default_grid_tasks_are_all_generable_and_bad_tasks_fail_before_training(tmp_path):
+    from amformers.eval import mqar_sweep
+
+    for seq_len, kv in mqar_sweep.DEFAULT_TASKS:  # the L=256 task once crashed the sweep hours in (vocab 256)
+        inputs, _ = mqar(2, seq_len, kv, mqar_sweep.task_vocab(seq_len), seed=0)
+        assert inputs.max() < mqar_sweep.task_vocab(seq_len)
+    assert mqar_sweep.task_vocab(256) == 512 and mqar_sweep.task_vocab(128) == 256
+    assert mqar_sweep.task_vocab(256, vocab_size=8192) == 8192
+    with pytest.raises(ValueError, match="key-value pairs"):
+        tasks = [(32, 4), (32, 16)]
+        mqar_sweep.run_sweep(["attention", "attn_values"], [32], tasks, [3e-3], 64, 32, 1, 32, [0], tmp_path)
+    assert not (tmp_path / "results.jsonl").exists()  # nothing trained before the bad task was caught

@@ -19,11 +19,11 @@ learning rates, as in zoology. Recurrent state per sequence: attention 2 * layer
 (its KV cache); linear recurrences layers * heads * d_k * d_v, twice that for metaplastic models (mean and
 importance states), unless the model reports `recurrent_state_size()` itself.
 
-The default grid is sized for this 2-core CPU (about 10 CPU-hours, so 5 hours for two processes): 6 families x d_model
-{64, 128} x (seq_len, kv pairs) in {(128, 16), (256, 32)} x lr {3e-3, 1e-3}, vocab max(256, 2 * seq_len), 16,000
-training examples x 4 epochs (1,000 steps), 1,000 test examples. Zoology and the official Palimpsa sweep train
-100,000 examples for 60-64 epochs with vocab 8192 on a GPU; the flags reach that grid (add the tasks 128x32 and
-256x64).
+The default grid is sized for this 2-core CPU (about 10 CPU-hours, 5 hours for two processes; eval/results/mqar.json
+records what its runs took as `training_seconds_total`): 6 families x d_model {64, 128} x (seq_len, kv pairs) in
+{(128, 16), (256, 32)} x lr {3e-3, 1e-3}, vocab max(256, 2 * seq_len), 16,000 training examples x 4 epochs (1,000
+steps), 1,000 test examples. Zoology and the official Palimpsa sweep train 100,000 examples for 60-64 epochs with
+vocab 8192 on a GPU; the flags reach that grid (add the tasks 128x32 and 256x64).
 
     python -m amformers.eval.mqar_sweep run &        # resumable (runs/mqar/results.jsonl); start it twice to use
     python -m amformers.eval.mqar_sweep run &        # two cores: the processes claim cells in runs/mqar/claims/
@@ -294,26 +294,19 @@ def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_
         lrs_tried.setdefault(cell, []).append(run["lr"])
         if cell not in cells or run["best_test_accuracy"] > cells[cell]["best_test_accuracy"]:
             cells[cell] = run
-    rows = [
-        {**{k: v for k, v in run.items() if k not in ("history", "key", "command")}, "lrs_tried": len(lrs_tried[cell])}
+    rows = [  # each kept row carries its per-epoch history (loss, accuracy), so the docs' curves can be checked
+        {**{k: v for k, v in run.items() if k not in ("key", "command")}, "lrs_tried": len(lrs_tried[cell])}
         for cell, run in cells.items()
     ]
-    by_family = {}
+    accuracy_by_family = {}
     for row in rows:
-        entry = by_family.setdefault(row["family"], {"state_size": [], "accuracy": [], "seconds": []})
-        entry["state_size"].append(row["state_size"])
-        entry["accuracy"].append(row["best_test_accuracy"])
-        entry["seconds"].append(row["seconds"])
+        accuracy_by_family.setdefault(row["family"], []).append(row["best_test_accuracy"])
     # the settings every run shared; the rest (the vocabulary grows with seq_len) stays in each row's config
     shared_config = (
         {k: v for k, v in runs[0]["config"].items() if all(r["config"].get(k) == v for r in runs)} if runs else None
     )
-    vocab_by_length = {}
-    for run in runs:
-        vocab_by_length.setdefault(str(run["seq_len"]), set()).add(run["config"]["vocab_size"])
-    vocab_by_length = {
-        length: sorted(sizes) for length, sizes in sorted(vocab_by_length.items(), key=lambda i: int(i[0]))
-    }
+    lengths = sorted({r["seq_len"] for r in runs})
+    vocab_by_length = {str(n): sorted({r["config"]["vocab_size"] for r in runs if r["seq_len"] == n}) for n in lengths}
     result = {
         "claim": "Palimpsa beats its non-metaplastic twin and Mamba2 on MQAR at equal state size (Bonnet et al.)",
         "claim_comparisons": claim_comparisons(rows),
@@ -323,8 +316,9 @@ def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_
         "vocab_size_by_seq_len": vocab_by_length,
         "git_commit": git_commit(),
         "best_over_lr": sorted(rows, key=lambda r: (r["family"], r["d_model"], r["seq_len"], r["kv_pairs"])),
-        "mean_accuracy_by_family": {f: float(np.mean(e["accuracy"])) for f, e in by_family.items()},
+        "mean_accuracy_by_family": {f: float(np.mean(a)) for f, a in accuracy_by_family.items()},
         "runs": len(runs),
+        "training_seconds_total": sum(r["seconds"] for r in runs),  # one core per run; the CPU cost of the sweep
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

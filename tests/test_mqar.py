@@ -142,7 +142,7 @@ def test_default_grid_tasks_are_all_generable_and_bad_tasks_fail_before_training
         assert inputs.max() < mqar_sweep.task_vocab(seq_len)
     assert mqar_sweep.task_vocab(256) == 512 and mqar_sweep.task_vocab(128) == 256
     assert mqar_sweep.task_vocab(256, vocab_size=8192) == 8192
+    tasks = [(32, 4), (32, 16)]
     with pytest.raises(ValueError, match="key-value pairs"):
-        tasks = [(32, 4), (32, 16)]
         mqar_sweep.run_sweep(["attention", "attn_values"], [32], tasks, [3e-3], 64, 32, 1, 32, [0], tmp_path)
     assert not (tmp_path / "results.jsonl").exists()  # nothing trained before the bad task was caught

@@ -285,6 +285,21 @@ def claim_comparisons(rows: list[dict]) -> list[dict]:
     return comparisons
 
 
+def seed_spread(rows: list[dict]) -> list[dict]:
+    """Mean, sample std and range of the best-over-lr accuracy for every cell that ran more than one seed."""
+    by_cell: dict[tuple, list[float]] = {}
+    for row in rows:
+        by_cell.setdefault((row["family"], row["d_model"], row["seq_len"], row["kv_pairs"]), []).append(
+            row["best_test_accuracy"]
+        )
+    return [
+        {"family": f, "d_model": d, "seq_len": n, "kv_pairs": kv, "seeds": len(acc),
+         "mean_accuracy": float(np.mean(acc)), "std_accuracy": float(np.std(acc, ddof=1)),
+         "min_accuracy": min(acc), "max_accuracy": max(acc)}
+        for (f, d, n, kv), acc in sorted(by_cell.items()) if len(acc) > 1
+    ]  # fmt: skip
+
+
 def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_ROOT / "mqar.json") -> dict:
     runs = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
     cells: dict[tuple, dict] = {}
@@ -315,7 +330,8 @@ def summarise(runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_
         "config": shared_config,
         "vocab_size_by_seq_len": vocab_by_length,
         "git_commit": git_commit(),
-        "best_over_lr": sorted(rows, key=lambda r: (r["family"], r["d_model"], r["seq_len"], r["kv_pairs"])),
+        "best_over_lr": sorted(rows, key=lambda r: (r["family"], r["d_model"], r["seq_len"], r["kv_pairs"], r["seed"])),
+        "seed_spread": seed_spread(rows),
         "mean_accuracy_by_family": {f: float(np.mean(a)) for f, a in accuracy_by_family.items()},
         "runs": len(runs),
         "training_seconds_total": sum(r["seconds"] for r in runs),  # one core per run; the CPU cost of the sweep

@@ -177,7 +177,8 @@ def mqar_section(results: Path) -> list[str]:
     data = _load(results / "mqar.json")
     if not data or not data["best_over_lr"]:
         return []
-    columns = ("family", "d_model", "seq_len", "kv_pairs", "state_size", "best_test_accuracy", "lr", "lrs_tried")
+    columns = ("family", "d_model", "seq_len", "kv_pairs", "seed", "state_size", "best_test_accuracy", "lr")
+    columns += ("lrs_tried",)
     rows = [{k: r.get(k) for k in (*columns, "steps", "seconds")} for r in data["best_over_lr"]]
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
@@ -216,6 +217,14 @@ def mqar_section(results: Path) -> list[str]:
         format_table(rows, floatfmt=".3f"),
         "",
     ]
+    spread = data.get("seed_spread") or []
+    if spread:
+        lines += [
+            "Cells run with more than one seed (best accuracy over learning rates per seed; sample std):",
+            "",
+            format_table(spread, floatfmt=".3f"),
+            "",
+        ]
     comparisons = data.get("claim_comparisons") or []
     if comparisons:
         lines += [

@@ -116,6 +116,19 @@ def test_claim_comparisons_match_peers_by_state_size_and_by_width():
     assert claim_comparisons(other_task) == []  # peers on another task are never compared
 
 
+def test_seed_spread_summarises_only_cells_with_several_seeds():
+    from amformers.eval.mqar_sweep import seed_spread
+
+    def row(family, seed, acc):
+        cell = {"family": family, "d_model": 64, "seq_len": 128, "kv_pairs": 16}
+        return {**cell, "seed": seed, "best_test_accuracy": acc}
+
+    (cell,) = seed_spread([row("palimpsa", 0, 0.2), row("palimpsa", 1, 0.6), row("mamba2", 0, 0.9)])
+    assert cell["family"] == "palimpsa" and cell["seeds"] == 2
+    assert cell["mean_accuracy"] == pytest.approx(0.4) and cell["std_accuracy"] == pytest.approx(0.2 * 2**0.5)
+    assert (cell["min_accuracy"], cell["max_accuracy"]) == (0.2, 0.6)
+
+
 def test_concurrent_sweeps_skip_cells_another_live_process_claimed(tmp_path):
     import os
 

@@ -177,8 +177,9 @@ def mqar_section(results: Path) -> list[str]:
     data = _load(results / "mqar.json")
     if not data or not data["best_over_lr"]:
         return []
-    columns = ("family", "d_model", "seq_len", "kv_pairs", "seed", "state_size", "best_test_accuracy", "lr")
-    columns += ("lrs_tried",)
+    columns = (
+        "family", "d_model", "seq_len", "kv_pairs", "seed", "state_size", "best_test_accuracy", "lr", "lrs_tried",
+    )  # fmt: skip
     rows = [{k: r.get(k) for k in (*columns, "steps", "seconds")} for r in data["best_over_lr"]]
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)

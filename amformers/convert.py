@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Mamba2ForCausalLM
 
 from .configuration import AttnStreamConfig, PalimpsaConfig
+from .model_folder import require_model_folder
 from .modeling import AttnStreamForCausalLM, PalimpsaForCausalLM
 
 # LlamaConfig fields that mean the same in AttnStreamConfig.
@@ -36,7 +37,8 @@ _LLAMA_FIELDS = (
 def _model_from(model_or_path, model_class):
     """The model itself, or `model_class` loaded in fp32 from a path."""
     if isinstance(model_or_path, (str, Path)):
-        return model_class.from_pretrained(model_or_path, dtype=torch.float32)
+        path = require_model_folder(model_or_path, allow_hub_id=True)  # a local folder needs its config.json
+        return model_class.from_pretrained(path, dtype=torch.float32)
     if isinstance(model_or_path, model_class):
         return model_or_path
     raise TypeError(f"Expected a {model_class.__name__} or a path, got {type(model_or_path).__name__}.")

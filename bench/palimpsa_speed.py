@@ -26,6 +26,7 @@ import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, logging
 
 from amformers import AttnStreamConfig, AttnStreamForCausalLM, PalimpsaConfig, PalimpsaForCausalLM
+from amformers.modeling.compat import CACHE_NAME
 from amformers.modeling.kernels import palimpsa_attention
 
 logging.set_verbosity_error()  # Mamba2's "falling back to the PyTorch implementation" notes
@@ -153,13 +154,14 @@ def bench_decoding(contexts: list[int], decode_steps: int, rounds: int) -> dict:
         for name, model in models.items():
             cache = None
             for start in range(0, context, 256):  # prefill in pieces: bounded attention memory
-                cache = model(prompt[:, start : start + 256], past_key_values=cache, use_cache=True).past_key_values
+                out = model(prompt[:, start : start + 256], **{CACHE_NAME: cache}, use_cache=True)
+                cache = getattr(out, CACHE_NAME)
             tokens = torch.randint(0, VOCAB, (decode_steps,))
             best = float("inf")
             for _ in range(rounds):  # the cache keeps growing by decode_steps per round: negligible here
                 start = time.perf_counter()
                 for t in tokens:
-                    cache = model(t.view(1, 1), past_key_values=cache, use_cache=True).past_key_values
+                    cache = getattr(model(t.view(1, 1), **{CACHE_NAME: cache}, use_cache=True), CACHE_NAME)
                 best = min(best, (time.perf_counter() - start) / decode_steps)
             results[name]["ms_per_token"][str(context)] = 1e3 * best
             if context == max(contexts):

@@ -8,6 +8,7 @@ import argparse
 import shlex
 import sys
 
+from ..model_folder import ModelFolderError, require_model_folder
 from . import babi, blimp, harness, ioi, perplexity, sanity
 
 SUITES = {
@@ -44,10 +45,14 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.command = shlex.join(["python", "-m", "amformers.eval", *argv])
+    require_model_folder(args.model)  # before any suite reads its data
     if args.suite != "all":
         return {args.suite: SUITES[args.suite][0](args)}
     return {name: run(args) for name, (run, _, _) in SUITES.items()}
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModelFolderError as error:  # a wrong --model path: one line, no traceback
+        sys.exit(f"error: {error}")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..model_folder import require_model_folder
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO_ROOT.parent / "shared" / "data"  # ../shared/data relative to the project root
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
@@ -31,9 +33,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
 
     import amformers  # noqa: F401  (registers our model types with the Auto classes)
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a saved model directory (no config.json).")
+    model_dir = require_model_folder(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model.eval()

@@ -22,6 +22,7 @@ data never contains bAbI, so the zero-shot bAbI suite stays zero-shot.
 import argparse
 import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from amformers.eval.common import (
     run_command,
     write_results,
 )
+from amformers.model_folder import ModelFolderError
 
 DEFAULT_BLOCK_SIZE = 256  # the block size every 8M config is pretrained with (train/configs/*-8m.yaml)
 
@@ -252,4 +254,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModelFolderError as error:  # a wrong --model path: one line, no traceback
+        sys.exit(f"error: {error}")

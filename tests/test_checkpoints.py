@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import amformers  # noqa: F401  (registers the families)
 from amformers.eval.perplexity import TINYSTORIES_VALID, evaluate_documents, read_stories
+from amformers.modeling.remote_code import flatten_module_sources
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 # The checkpoints this commit ships, each trained by train/configs/<name>.yaml (see checkpoints/README.md).
@@ -53,6 +54,8 @@ def test_checkpoint_writes_words_not_noise(shipped):
     inputs = tokenizer("Once upon a time", return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, do_sample=False, max_new_tokens=48)
+        uncached = model.generate(**inputs, do_sample=False, max_new_tokens=48, use_cache=False)
+    assert torch.equal(output, uncached), "cached decoding differs from recomputing the whole prefix"
     text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     words = re.findall(r"[a-z]+", text.lower())
     assert len(words) >= 20 and len(set(words)) >= 10, text  # a sentence, not one word repeated
@@ -81,9 +84,24 @@ import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
 assert "amformers" not in type(model).__module__, type(model).__module__
+prompt = torch.tensor([[1, 50, 60, 70, 80]])
 with torch.no_grad():
-    torch.save(model(torch.tensor([[1, 50, 60, 70, 80]])).logits, sys.argv[2])
+    cached = model.generate(prompt, do_sample=False, max_new_tokens=12)
+    uncached = model.generate(prompt, do_sample=False, max_new_tokens=12, use_cache=False)
+    assert torch.equal(cached, uncached), (cached, uncached)
+    torch.save(model(prompt).logits, sys.argv[2])
 """
+
+
+def test_checkpoint_code_is_the_current_source(shipped):
+    """The remote code shipped beside the weights is the package's current source, flattened (after changing the
+    models: `python -m amformers.train.ship --refresh-code checkpoints/*/`)."""
+    folder, model, _ = shipped
+    expected = flatten_module_sources(sys.modules[type(model).__module__].__file__)
+    shipped_code = {path.name: path.read_text(encoding="utf-8") for path in folder.glob("*.py")}
+    assert sorted(shipped_code) == sorted(expected)
+    stale = [name for name in expected if shipped_code[name] != expected[name]]
+    assert not stale, f"{folder.name}: stale remote code {stale}"
 
 
 def test_checkpoint_loads_with_remote_code_alone(shipped, tmp_path):

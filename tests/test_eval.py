@@ -249,6 +249,42 @@ def test_cli_suites_write_json(tiny_model_dir, tmp_path):
     assert len(samples) == 3 and all(s["greedy"] for s in samples)
 
 
+def test_a_folder_without_config_json_is_named_plainly(tmp_path, tiny_tokenizer):
+    """Every loader of a user's model folder says "<folder> has no config.json" instead of a transformers error."""
+    from amformers.convert import llama_to_attn_stream, mamba2_to_palimpsa
+    from amformers.eval.common import load_model
+    from amformers.model_folder import ModelFolderError, require_model_folder
+    from amformers.train import ship
+
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    tiny_tokenizer.save_pretrained(folder)  # a tokenizer alone is not a model
+    message = f"{folder} has no config.json (not a saved model folder?)"
+    calls = {
+        "load_model": lambda: load_model(folder),
+        "amformers.eval": lambda: eval_main(["ioi", "--model", str(folder), "--results-dir", str(tmp_path)]),
+        "ship": lambda: ship.ship(folder, tmp_path / "shipped"),
+        "llama_to_attn_stream": lambda: llama_to_attn_stream(str(folder)),
+        "mamba2_to_palimpsa": lambda: mamba2_to_palimpsa(folder),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ModelFolderError) as caught:
+            call()
+        assert str(caught.value) == message, name
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        llama_to_attn_stream(str(tmp_path / "missing" / "llama"))  # a local path, not a Hub repo id
+    assert require_model_folder("org/model", allow_hub_id=True) == "org/model"  # left to from_pretrained
+    # the command line prints the message alone, without a traceback
+    result = subprocess.run(
+        [sys.executable, "-m", "amformers.eval", "ioi", "--model", str(folder)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
+    assert result.returncode == 1 and result.stderr.strip() == f"error: {message}", result.stderr
+
+
 def test_cloze_items_are_lambada_style():
     story = (
         "Tom had a red ball. He liked to play with the ball in the park every day with his dog Max.\n"

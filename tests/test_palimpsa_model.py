@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCac
 
 import amformers
 from amformers import PalimpsaConfig, PalimpsaForCausalLM, PalimpsaModel
+from amformers.modeling.compat import CACHE_NAME
 from amformers.modeling.kernels.palimpsa import palimpsa_reference
 from amformers.modeling.modeling_palimpsa import PalimpsaCache
 
@@ -23,6 +24,11 @@ VARIANTS = {
     "meta_mamba2": {"mixer": "mamba2", "n_groups": 2, "intermediate_size": 0},
     "mamba2": {"mixer": "mamba2", "metaplastic": False},
 }
+
+
+def memory(output, layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory (mu, I) of `layer` in a model output's cache."""
+    return tuple(getattr(output, CACHE_NAME).get_recurrent_state(layer).unbind(1))
 
 
 def tiny_config(**overrides) -> PalimpsaConfig:
@@ -130,11 +136,12 @@ def test_not_palimpsa_keeps_the_prior_and_has_no_importance_parameters():
     assert not any("b_proj" in name or "b_scale" in name for name, _ in model.named_parameters())
     with torch.no_grad():
         out = model(ids(), use_cache=True)
-    for layer in out.past_key_values.layers:
-        torch.testing.assert_close(layer.recurrent_state[1], torch.ones_like(layer.recurrent_state[1]))
+    for layer in range(model.config.num_hidden_layers):
+        precision = memory(out, layer)[1]
+        torch.testing.assert_close(precision, torch.ones_like(precision))
     palimpsa = tiny_model()
     with torch.no_grad():
-        state = palimpsa(ids(), use_cache=True).past_key_values.layers[0].recurrent_state[1]
+        state = memory(palimpsa(ids(), use_cache=True))[1]
     assert state.max() > 1.01  # the metaplastic twin's precision does move
 
 
@@ -159,9 +166,9 @@ def test_token_by_token_decoding_equals_full_forward(variant):
     with torch.no_grad():
         full = model(x, output_uncertainty=True)
         prefill = model(x[:, :6], use_cache=True, output_uncertainty=True)
-        cache, steps, variances = prefill.past_key_values, [prefill.logits], [prefill.uncertainties[1]]
+        cache, steps, variances = getattr(prefill, CACHE_NAME), [prefill.logits], [prefill.uncertainties[1]]
         for t in range(6, 15):
-            out = model(x[:, t : t + 1], past_key_values=cache, use_cache=True, output_uncertainty=True)
+            out = model(x[:, t : t + 1], cache=cache, use_cache=True, output_uncertainty=True)
             steps.append(out.logits)
             variances.append(out.uncertainties[1])
     assert cache.get_seq_length() == 15
@@ -172,10 +179,10 @@ def test_token_by_token_decoding_equals_full_forward(variant):
 def test_cache_size_does_not_grow_with_context():
     model = tiny_model()
     with torch.no_grad():
-        cache = model(ids(1, 8), use_cache=True).past_key_values
+        cache = getattr(model(ids(1, 8), use_cache=True), CACHE_NAME)
         size_at_8 = cache.nbytes()
         for t in range(40):
-            model(ids(1, 1, seed=t), past_key_values=cache, use_cache=True)
+            model(ids(1, 1, seed=t), cache=cache, use_cache=True)
     assert cache.nbytes() == size_at_8 and cache.get_seq_length() == 48
     cfg = model.config
     state_bytes = 2 * cfg.num_hidden_layers * 4 * cfg.num_heads * cfg.value_dim * cfg.head_dim
@@ -204,11 +211,11 @@ def test_left_padded_batch_matches_each_prompt_alone(variant):
         batch[row, 9 - len(prompt) :] = prompt
         mask[row, 9 - len(prompt) :] = 1
     with torch.no_grad():  # the state after the prompt is untouched by the padding
-        padded = model(batch, attention_mask=mask, use_cache=True).past_key_values
-        alone = model(prompts[1][None], use_cache=True).past_key_values
-    for a, b in zip(padded.layers, alone.layers):
-        torch.testing.assert_close(a.recurrent_state[0][1:], b.recurrent_state[0], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(a.recurrent_state[1][1:], b.recurrent_state[1], atol=1e-6, rtol=1e-5)
+        padded = model(batch, attention_mask=mask, use_cache=True)
+        alone = model(prompts[1][None], use_cache=True)
+    for layer in range(model.config.num_hidden_layers):
+        for a, b in zip(memory(padded, layer), memory(alone, layer)):
+            torch.testing.assert_close(a[1:], b, atol=1e-6, rtol=1e-5)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     together = model.generate(batch, attention_mask=mask, **kwargs)[:, 9:]
     for row, prompt in enumerate(prompts):
@@ -249,7 +256,7 @@ def test_long_context_forward_stays_finite():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(ids(1, 65536), logits_to_keep=64, use_cache=True)
     assert torch.isfinite(out.logits).all()
-    mu, precision = out.past_key_values.layers[0].recurrent_state
+    mu, precision = memory(out)
     assert mu.dtype == torch.float32 and torch.isfinite(mu).all() and torch.isfinite(precision).all()
 
 
@@ -278,8 +285,12 @@ def test_invalid_config_raises_clear_error(overrides, message):
 def test_invalid_inputs_raise_clear_errors():
     model = tiny_model()
     x = ids()
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(RuntimeError, match="vocab_size"):  # a device-side assert: no host sync
         model(torch.full((1, 3), 320))
+    with pytest.raises(ValueError, match="no tokens"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch size 0"):
+        model(torch.zeros(0, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one"):
         model()
     with pytest.raises(ValueError, match="2-D padding mask"):
@@ -287,7 +298,7 @@ def test_invalid_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="attention_mask"):
         model(x, attention_mask=torch.ones(3, 11))
     with pytest.raises(TypeError, match="PalimpsaCache"):
-        model(x, past_key_values=DynamicCache())
+        model(x, cache=DynamicCache())  # attention layers cannot hold a recurrent state
     with pytest.raises(ValueError, match="labels"):
         model(x, labels=x[:, :5])
 
@@ -444,12 +455,11 @@ def test_cache_object_api():
     assert len(cache) == 2 and cache.get_seq_length() == 0 and not cache.has_previous_state(0)
     model = tiny_model()
     with torch.no_grad():
-        model(ids(3, 4), past_key_values=cache, use_cache=True)
-    assert cache.has_previous_state(0) and not cache.is_compileable and not cache.is_croppable
-    mu = cache.layers[0].recurrent_state[0].clone()
+        model(ids(3, 4), cache=cache, use_cache=True)
+    assert cache.has_previous_state(0) and cache.get_seq_length() == 4 and not cache.is_croppable
+    assert all(cache.is_linear) and cache.nbytes() > 0
+    mu = cache.get_recurrent_state(0)[:, 0].clone()
     cache.reorder_cache(torch.tensor([2, 0, 0]))
-    torch.testing.assert_close(cache.layers[0].recurrent_state[0], mu[[2, 0, 0]])
-    with pytest.raises(ValueError, match="cropping"):
-        cache.crop(1)
+    torch.testing.assert_close(cache.get_recurrent_state(0)[:, 0], mu[[2, 0, 0]])
     cache.reset()
-    assert cache.get_seq_length() == 0 and cache.layers[0].recurrent_state is None
+    assert cache.get_seq_length() == 0 and not cache.has_previous_state(0)

@@ -389,6 +389,36 @@ def test_config_errors_are_clear(tmp_path):
     assert config["training"]["mixed_precision"] == "no" and config["data"]["block_size"] == 8
 
 
+def test_bad_values_and_unknown_model_keys_are_named(tmp_path):
+    assert set(pretrain.TRAINING_TYPES) == set(pretrain.TRAINING_DEFAULTS)  # every training key is type-checked
+    tiny = CONFIGS / "tiny-attn_stream.yaml"
+    with pytest.raises(ValueError, match=r"training\.batch_size must be an integer, got 'abc' \(str\)"):
+        pretrain.main(["--config", str(tiny), "--set", "training.batch_size=abc", "--dry_run"])
+    with pytest.raises(ValueError, match=r"training\.learning_rate must be a number, got 'fast'"):
+        pretrain.load_config(tiny, ["training.learning_rate=fast"])
+    with pytest.raises(ValueError, match=r"training\.fused_adamw must be true or false, got 'maybe'"):
+        pretrain.load_config(tiny, ["training.fused_adamw=maybe"])
+    with pytest.raises(ValueError, match=r"training\.eval_batch_size must be an integer or null, got 2\.5"):
+        pretrain.load_config(tiny, ["training.eval_batch_size=2.5"])
+    config = pretrain.load_config(tiny, ["training.learning_rate=1e-3", "training.eval_batch_size=null"])
+    assert config["training"]["learning_rate"] == 1e-3  # YAML 1.1 reads 1e-3 as a string; it is taken as a number
+    assert config["training"]["eval_batch_size"] is None
+
+    hint = r"`model` \(AttnStreamConfig\): unknown key\(s\) 'hiden_size' \(did you mean 'hidden_size'\?\)"
+    with pytest.raises(ValueError, match=hint):
+        pretrain.load_config(tiny, ["model.hiden_size=64"])
+    path = tmp_path / "typo.yaml"
+    path.write_text("model_type: palimpsa\nmodel: {num_haeds: 2, head_dim: 16}\n")
+    with pytest.raises(
+        ValueError, match=r"`model` \(PalimpsaConfig\): unknown key\(s\) 'num_haeds' \(did you mean 'num_heads'"
+    ):
+        pretrain.load_config(path)
+    with pytest.raises(ValueError, match=r"`training`: unknown key\(s\) 'lr'"):
+        pretrain.load_config(tiny, ["training.lr=0.1"])
+    for name in ("tiny-attn_stream", "tiny-palimpsa", "attn_stream-1b", "palimpsa-8m"):  # shipped configs still load
+        pretrain.load_config(CONFIGS / f"{name}.yaml", ["model.dtype=float32"])
+
+
 def test_accelerate_configs_parse():
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType

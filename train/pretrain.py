@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -80,6 +82,33 @@ TRAINING_DEFAULTS = {
     "save_total_limit": 3,
     "num_workers": 0,
 }
+# What each `training` value must be: "int", "float" (an int is taken too, and so is a string that reads as a
+# number: PyYAML leaves `1e-3` a string, only `1.0e-3` is a float), "bool", or "<kind>|None" where null is allowed.
+TRAINING_TYPES = {
+    "seed": "int",
+    "batch_size": "int",
+    "eval_batch_size": "int|None",
+    "gradient_accumulation_steps": "int",
+    "max_steps": "int",
+    "learning_rate": "float",
+    "min_lr_ratio": "float",
+    "warmup_steps": "int",
+    "weight_decay": "float",
+    "adam_beta1": "float",
+    "adam_beta2": "float",
+    "adam_epsilon": "float",
+    "fused_adamw": "bool",
+    "max_grad_norm": "float|None",
+    "mixed_precision": None,  # checked against MIXED_PRECISION
+    "gradient_checkpointing": "bool",
+    "log_every": "int",
+    "eval_every": "int",
+    "eval_batches": "int",
+    "save_every": "int",
+    "save_total_limit": "int",
+    "num_workers": "int",
+}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
 CARD_DEFAULTS = {"license": "apache-2.0", "language": ["en"], "datasets": [], "tags": ["amformers"]}
 GENERATION_DEFAULTS = {
     "prompts": ["Once upon a time"],
@@ -115,8 +144,78 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
+def _unknown_keys_error(where: str, unknown, known, shown=None, shown_note: str = "") -> ValueError:
+    """A ValueError naming each unknown key, with the closest known name when one is close enough; the message
+    lists `shown` (default: every known key)."""
+    names = []
+    for key in sorted(map(str, unknown)):
+        close = difflib.get_close_matches(key, [str(k) for k in known], n=1)
+        names.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    return ValueError(
+        f"{where}: unknown key(s) {', '.join(names)}; known: {sorted(known if shown is None else shown)}{shown_note}."
+    )
+
+
+def _checked_value(name: str, value, kind: str):
+    """`value` as the type TRAINING_TYPES gives `name` (e.g. "training.batch_size"); a clear error otherwise."""
+    base, _, nullable = kind.partition("|")
+    if value is None and nullable:
+        return None
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "float" and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return value
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    expected = _TYPE_NAMES[base] + (" or null" if nullable else "")
+    raise ValueError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}).")
+
+
+def model_config_class(model_type: str):
+    """The config class registered with transformers' AutoConfig for `model_type` (after `import amformers`)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    import amformers  # noqa: F401  (registers every family with the Auto classes)
+
+    try:
+        return CONFIG_MAPPING[model_type]
+    except KeyError:
+        raise ValueError(
+            f"model_type {model_type!r} is not registered with transformers' AutoConfig; "
+            "`import amformers` registers the families this package ships."
+        ) from None
+
+
+def model_config_keys(model_type: str) -> set[str]:
+    """The keys a `model:` section may set: the fields of the family's config class (AttnStreamConfig,
+    PalimpsaConfig, ...; their docstrings document each one), inherited PreTrainedConfig fields included."""
+    import inspect
+
+    config_class = model_config_class(model_type)
+    if dataclasses.is_dataclass(config_class):
+        return {field.name for field in dataclasses.fields(config_class)}
+    # transformers releases whose configs are not dataclasses: the keyword arguments of __init__
+    parameters = inspect.signature(config_class.__init__).parameters.values()
+    return {p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def _generic_config_keys() -> set[str]:
+    """Fields every transformers config has (dtype, architectures, ...), left out of the listed model keys."""
+    from transformers import PreTrainedConfig
+
+    return (
+        {f.name for f in dataclasses.fields(PreTrainedConfig)} if dataclasses.is_dataclass(PreTrainedConfig) else set()
+    )
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    """Read a pretraining YAML, apply `key.sub=value` overrides, check the keys, fill the defaults."""
+    """Read a pretraining YAML, apply `key.sub=value` overrides, check the keys and types, fill the defaults."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist.")
@@ -134,32 +233,44 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
         raise ValueError(f"config {path}: unknown top-level key(s) {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}.")
     if not config.get("model_type"):
         raise ValueError(f"config {path}: `model_type` is required (e.g. attn_stream, palimpsa).")
-    if not isinstance(config.get("model", {}), dict):
+    if not isinstance(config.get("model") or {}, dict):
         raise ValueError(f"config {path}: `model` must be a mapping of config fields.")
+    known_model_keys = model_config_keys(config["model_type"])
+    unknown = set(config.get("model") or {}) - known_model_keys
+    if unknown:
+        generic = _generic_config_keys()
+        raise _unknown_keys_error(
+            f"config {path}: `model` ({model_config_class(config['model_type']).__name__})",
+            unknown,
+            known_model_keys,
+            shown=known_model_keys - generic,
+            shown_note=" and PreTrainedConfig's generic fields" if known_model_keys & generic else "",
+        )
     for section, defaults in (("training", TRAINING_DEFAULTS), ("card", CARD_DEFAULTS)):
         given = config.get(section) or {}
         unknown = set(given) - set(defaults)
         if unknown:
-            raise ValueError(
-                f"config {path}: unknown key(s) in `{section}`: {sorted(unknown)}; known: {sorted(defaults)}."
-            )
+            raise _unknown_keys_error(f"config {path}: `{section}`", unknown, defaults)
         config[section] = {**defaults, **given}
     given = config.get("generation") or {}
     unknown = set(given) - set(GENERATION_DEFAULTS)
     if unknown:
-        raise ValueError(f"config {path}: unknown key(s) in `generation`: {sorted(unknown)}.")
+        raise _unknown_keys_error(f"config {path}: `generation`", unknown, GENERATION_DEFAULTS)
     config["generation"] = {**GENERATION_DEFAULTS, **given}
-    config.setdefault("model", {})
+    config["model"] = config.get("model") or {}
     config.setdefault("tokenizer", "default")
     config.setdefault("attn_implementation", None)
     config.setdefault("description", f"{config['model_type']} model pretrained with amformers")
     training = config["training"]
+    for key, kind in TRAINING_TYPES.items():
+        if kind is not None:
+            training[key] = _checked_value(f"config {path}: training.{key}", training[key], kind)
     if training["mixed_precision"] is False:  # YAML 1.1 reads a bare `no` as false
         training["mixed_precision"] = "no"
     if training["mixed_precision"] not in MIXED_PRECISION:
         raise ValueError(f"training.mixed_precision must be one of {MIXED_PRECISION}.")
     for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "log_every"):
-        if int(training[key]) < 1:
+        if training[key] < 1:
             raise ValueError(f"training.{key} must be at least 1, got {training[key]}.")
     return config
 

@@ -9,6 +9,9 @@ writes `training_summary.json`: the exact token count, steps, and the training t
 Optimizer states and step checkpoints stay behind. The copy is made in a temporary sibling folder and renamed, so a
 destination either holds a complete checkpoint or is left as it was.
 
+`--refresh-code FOLDER...` instead rewrites the remote-code files of already shipped folders from the installed
+package (after a fix to the models), leaving weights and config as they are.
+
 Refuses a run that has not finished (no final model, or fewer logged steps than its config's `max_steps`) and a
 checkpoint over `--max_mb` (40 MB: the shipped 8M models are ~34 MB in fp32).
 """
@@ -20,9 +23,12 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import yaml
+
+from ..model_folder import ModelFolderError, require_model_folder
 
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 RECORD_FILES = ("README.md", "training_curve.png", "samples.json", "metrics.jsonl", "train_config.yaml")
@@ -69,7 +75,7 @@ def training_summary(run: Path) -> dict:
 
 
 def ship(run: str | Path, destination: str | Path, max_mb: float = 40.0, note: str | None = None) -> Path:
-    run, destination = Path(run), Path(destination)
+    run, destination = require_model_folder(run), Path(destination)
     missing = [name for name in (*MODEL_FILES, *RECORD_FILES) if not (run / name).is_file()]
     if missing:
         raise ShipError(f"{run} is not a finished run folder: missing {', '.join(missing)}")
@@ -102,8 +108,29 @@ def ship(run: str | Path, destination: str | Path, max_mb: float = 40.0, note: s
     return destination
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m amformers.train.ship", description=__doc__.splitlines()[0])
+def refresh_code(folders: list[str | Path]) -> None:
+    """Rewrite each saved folder's remote-code `.py` files from the installed package (weights and config
+    untouched), so shipped checkpoints follow fixes to the models:
+    `python -m amformers.train.ship --refresh-code checkpoints/*/`."""
+    import amformers
+    from amformers.modeling.remote_code import refresh_remote_code
+
+    for folder in folders:
+        folder = require_model_folder(folder)
+        architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+        written = refresh_remote_code(folder, getattr(amformers, architecture))
+        print(f"{folder}: {', '.join(written)}")
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--refresh-code"]:
+        return refresh_code(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="python -m amformers.train.ship",
+        description=__doc__.splitlines()[0],
+        epilog="Or: python -m amformers.train.ship --refresh-code FOLDER... rewrites saved folders' remote code.",
+    )
     parser.add_argument("run", help="a finished pretraining output folder")
     parser.add_argument("destination", help="the checkpoint folder to write, e.g. checkpoints/attn_stream-8m")
     parser.add_argument("--max_mb", type=float, default=40.0, help="refuse checkpoints larger than this")
@@ -113,4 +140,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ShipError, ModelFolderError) as error:
+        sys.exit(f"error: {error}")

@@ -31,13 +31,16 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
     rotate_half,
 )
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_attn_stream import AttnStreamConfig
+from .compat import CACHE_NAME, legacy_cache_name, resolve_cache, with_cache
 from .input_checks import check_labels, check_model_inputs
 from .remote_code import write_remote_code
+
+logger = logging.get_logger(__name__)
 
 
 class AttnStreamAttention(nn.Module):
@@ -94,7 +97,7 @@ class AttnStreamAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         stream_source: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -117,7 +120,7 @@ class AttnStreamAttention(nn.Module):
         if self.mixes_stream:
             if stream_source is None:
                 raise ValueError(f"Layer {self.layer_idx} streams {self.stream} but received no stream source.")
-            if past_key_values is None and getattr(attention_interface, "fuses_stream_mix", False):
+            if cache is None and getattr(attention_interface, "fuses_stream_mix", False):
                 fused_source = stream_source
             else:
                 projections[self.stream] = self.mix_stream(raw, stream_source)
@@ -135,8 +138,8 @@ class AttnStreamAttention(nn.Module):
             weights = self.stream_weights if self.stream_weights is not None else self.fixed_stream_weights
             kwargs = {**kwargs, "stream_mix": (self.stream, fused_source, weights)}
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attn_output, attn_weights = attention_interface(
             self,
@@ -163,19 +166,23 @@ class AttnStreamDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         stream_source: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden states and this layer's raw streamed projection (None without a stream)."""
+        """Returns the new hidden states and this layer's raw streamed projection (None without a stream).
+
+        `stream_source` comes positionally, like `hidden_states`: reentrant gradient checkpointing only carries
+        gradients through positional tensors.
+        """
         residual = hidden_states
         hidden_states, _, raw = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             stream_source=stream_source,
             **kwargs,
         )
@@ -190,11 +197,12 @@ class AttnStreamPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["AttnStreamDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": AttnStreamDecoderLayer, "attentions": AttnStreamAttention}
 
     def _init_weights(self, module):
@@ -230,6 +238,7 @@ class AttnStreamModel(AttnStreamPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @legacy_cache_name
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -237,30 +246,35 @@ class AttnStreamModel(AttnStreamPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        cache (`Cache`, *optional*): the key/value cache to continue from, updated in place (`past_key_values`
+            before transformers 5.24; both names are accepted).
+        """
         check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask)
+        cache = resolve_cache(cache, past_key_values)
+        if self.gradient_checkpointing and self.training and (use_cache or cache is not None):
+            use_cache, cache = False, None  # recomputed layers would write their keys and values twice
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            if isinstance(past_seen_tokens, int):
+                self._warn_past_max_positions(past_seen_tokens + inputs_embeds.shape[1])
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # The cache is passed by position: its keyword is `cache` from transformers 5.24, `past_key_values` before.
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -268,19 +282,26 @@ class AttnStreamModel(AttnStreamPreTrainedModel):
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states, raw = decoder_layer(
                 hidden_states,
+                stream,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
-                stream_source=stream,
                 **kwargs,
             )
             if self.config.stream_source == "previous" or stream is None:
                 stream = raw
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **with_cache(cache))
+
+    def _warn_past_max_positions(self, length: int) -> None:
+        if length > self.config.max_position_embeddings and not torch.compiler.is_compiling():
+            logger.warning_once(
+                f"Sequence length {length} exceeds `max_position_embeddings` ({self.config.max_position_embeddings}): "
+                "rotary positions past it were never trained, so outputs may degrade."
+            )
 
 
 class AttnStreamForCausalLM(AttnStreamPreTrainedModel, GenerationMixin):
@@ -295,20 +316,24 @@ class AttnStreamForCausalLM(AttnStreamPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @legacy_cache_name
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
+        cache (`Cache`, *optional*): the key/value cache to continue from, updated in place (`past_key_values`
+            before transformers 5.24; both names are accepted).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for the next-token loss; the shift happens inside. Positions set to -100 are ignored.
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0): compute logits only for the last N positions
@@ -318,7 +343,7 @@ class AttnStreamForCausalLM(AttnStreamPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -334,9 +359,9 @@ class AttnStreamForCausalLM(AttnStreamPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **with_cache(getattr(outputs, CACHE_NAME)),
         )
 
 

@@ -1,4 +1,11 @@
-"""Input validation shared by every model family: clear errors instead of deep stack traces."""
+"""Input validation shared by every model family: clear errors instead of deep stack traces.
+
+Every check here reads shapes only, except the token-id range, which is a device-side assert: it costs no
+host synchronisation (a GPU keeps running ahead), and it is skipped while `torch.compile` or `torch.export`
+trace the forward, so nothing in the traced graph depends on the data.
+"""
+
+import torch
 
 
 def check_model_inputs(config, input_ids, inputs_embeds, attention_mask) -> None:
@@ -8,11 +15,6 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask) -> None
     if input_ids is not None:
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must be [batch, seq_len], got shape {tuple(input_ids.shape)}.")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= config.vocab_size):
-            raise ValueError(
-                f"Token ids must lie in [0, vocab_size={config.vocab_size}); got values in "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]. Is the tokenizer the model's own?"
-            )
         batch_and_length = tuple(input_ids.shape)
     else:
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
@@ -21,6 +23,11 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask) -> None
                 f"got shape {tuple(inputs_embeds.shape)}."
             )
         batch_and_length = tuple(inputs_embeds.shape[:2])
+    name = "input_ids" if input_ids is not None else "inputs_embeds"
+    if batch_and_length[0] == 0:
+        raise ValueError(f"`{name}` holds no sequence (batch size 0, shape {batch_and_length}).")
+    if batch_and_length[1] == 0:
+        raise ValueError(f"`{name}` holds no tokens (sequence length 0, shape {batch_and_length}).")
     # During cached decoding the 2-D mask also covers past tokens, so its length may exceed seq_len.
     if (
         attention_mask is not None
@@ -30,6 +37,13 @@ def check_model_inputs(config, input_ids, inputs_embeds, attention_mask) -> None
         raise ValueError(
             f"`attention_mask` of shape {tuple(attention_mask.shape)} does not fit inputs of shape "
             f"{batch_and_length} (expected [batch, past + seq_len])."
+        )
+    if input_ids is not None and not torch.compiler.is_compiling():
+        in_range = ((input_ids >= 0) & (input_ids < config.vocab_size)).all()
+        torch._assert_async(
+            in_range,
+            f"Token ids must lie in [0, vocab_size={config.vocab_size}); some of `input_ids` do not. "
+            "Is the tokenizer the model's own?",
         )
 
 

@@ -161,7 +161,7 @@ class PalimpsaChunkFunction(torch.autograd.Function):
         prior4 = prior[:, None, None, None]
         # Per position, o_j = mu_j q_j is computed as the row q_j^T times mu_j^T (a batched matrix product on 3-D
         # views, written straight into o): unlike `(mu_j * q_j).sum(-1)` it writes no temporary the size of the
-        # state, and the CPU BLAS runs it much faster than the column form `mu_j @ q_j[..., None]`.
+        # state.
         rows = BH * NC
         q_rows = q.reshape(C, rows, 1, K)
         o = v.new_empty(C, rows, 1, V)

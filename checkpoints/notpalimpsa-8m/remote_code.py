@@ -68,3 +68,18 @@ def write_remote_code(save_directory: str | Path, model_class: type, config, aut
     for auto_name, cls in auto_classes.items():
         auto_map[auto_name] = f"{Path(sys.modules[cls.__module__].__file__).stem}.{cls.__name__}"
     config.auto_map = auto_map
+
+
+def refresh_remote_code(save_directory: str | Path, model_class: type) -> list[str]:
+    """Rewrite the code files of a saved folder from the installed source (weights and config untouched) and remove
+    `.py` files the model no longer imports, so a shipped checkpoint's remote code follows the package's fixes.
+    Returns the names written."""
+    import sys
+
+    sources = flatten_module_sources(sys.modules[model_class.__module__].__file__)
+    for path in Path(save_directory).glob("*.py"):
+        if path.name not in sources:
+            path.unlink()
+    for name, text in sources.items():
+        (Path(save_directory) / name).write_text(text, encoding="utf-8")
+    return sorted(sources)

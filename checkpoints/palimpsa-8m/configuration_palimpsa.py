@@ -57,7 +57,7 @@ class PalimpsaConfig(PreTrainedConfig):
     """
 
     model_type = "palimpsa"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 8192
     hidden_size: int = 256
@@ -130,6 +130,11 @@ class PalimpsaConfig(PreTrainedConfig):
             raise ValueError("Need 0 < `time_step_min` <= `time_step_max`.")
         if len(self.time_step_limit) != 2 or self.time_step_limit[0] > self.time_step_limit[1]:
             raise ValueError(f"`time_step_limit` must be (low, high), got {self.time_step_limit}.")
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Every layer keeps a recurrent state: `DynamicCache(config=...)` builds linear-attention cache layers."""
+        return ["linear_attention"] * self.num_hidden_layers
 
     @property
     def value_dim(self) -> int:

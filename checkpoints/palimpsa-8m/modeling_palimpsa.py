@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -37,6 +37,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_palimpsa import PalimpsaConfig
+from .compat import CACHE_NAME, GENERATE_SUPPORTS_RECURRENT_CACHES, legacy_cache_name, resolve_cache, with_cache
 from .input_checks import check_labels, check_model_inputs
 from .palimpsa import palimpsa_attention
 from .remote_code import write_remote_code
@@ -49,24 +50,43 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def causal_conv(x: torch.Tensor, conv: nn.Conv1d, window: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal convolution of x [B, T, C] continuing from `window` [B, width, C] (the previous
-    conv_size - 1 inputs, zeros at the start). Returns SiLU(conv) [B, T, C] and the window for the next call.
+def causal_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, window: torch.Tensor | None
+) -> torch.Tensor:
+    """SiLU of the depthwise causal convolution of x [B, T, C] (weight [C, conv_size], bias [C] or None),
+    continuing from `window` [B, C, conv_size - 1], the previous inputs channels-first (None: zeros, a fresh start).
 
     Written as a sum of shifted products (conv_size terms): on CPU its backward is faster than Conv1d's.
     """
-    T = x.shape[1]
-    weight = conv.weight[:, 0].to(x.dtype)  # [C, conv_size]
-    width = weight.shape[1] - 1
+    T, width = x.shape[1], weight.shape[1] - 1
+    weight = weight.to(x.dtype)
     if window is None:
-        window = x.new_zeros(x.shape[0], width, x.shape[2])
-    full = torch.cat([window.to(x.dtype), x], dim=1)
+        window = x.new_zeros(x.shape[0], x.shape[2], width)
+    full = torch.cat([window.transpose(1, 2).to(x.dtype), x], dim=1)
     out = full[:, :T] * weight[:, 0]
     for i in range(1, width + 1):
         out = out + full[:, i : i + T] * weight[:, i]
-    if conv.bias is not None:
-        out = out + conv.bias.to(x.dtype)
-    return F.silu(out), full[:, full.shape[1] - width :]
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return F.silu(out)
+
+
+def read_cache(cache: Cache | None, layer_idx: int) -> tuple[torch.Tensor | None, tuple | None]:
+    """The layer's conv window [B, C, conv_size - 1] and memory (mu, I) from `cache`, or (None, None) at the start.
+
+    Read before anything is written: the cache updates its tensors in place.
+    """
+    if cache is None or not cache.has_previous_state(layer_idx):
+        return None, None
+    state = cache.get_recurrent_state(layer_idx)  # mu and I stacked: [B, 2, H, V, K]
+    return cache.get_conv_state(layer_idx), (tuple(state.unbind(1)) if state is not None else None)
+
+
+def write_cache(cache: Cache | None, layer_idx: int, conv_inputs: torch.Tensor, width: int, state) -> None:
+    """Hand the layer's new conv inputs [B, T, C] (the cache keeps the last `width`) and memory (mu, I) to `cache`."""
+    if cache is not None:
+        cache.update_conv_state(conv_inputs.transpose(1, 2), layer_idx, conv_kernel_size=width)
+        cache.update_recurrent_state(torch.stack(state, dim=1), layer_idx)
 
 
 class GatedRMSNorm(nn.Module):
@@ -127,8 +147,9 @@ class PalimpsaMixer(nn.Module):
             self.b_proj = nn.Linear(config.beta_rank, H * V, bias=False)
         if config.metaplastic and not self.paper_gates:
             self.b_scale = nn.Parameter(torch.empty(H))  # beta <= softplus(b_scale): bounds the precision growth
-        # The prior precision is frozen (as in the official code): a buffer, saved with the weights.
-        self.register_buffer("log_prior_precision", torch.empty(H))
+        # The prior precision is frozen (as in the official code): a buffer, saved with the weights, set here and
+        # again by `init_parameters` (a model built on the meta device gets its value there).
+        self.register_buffer("log_prior_precision", torch.full((H,), math.log(config.prior_precision)))
         self.D = nn.Parameter(torch.empty(H))
         self.g_proj = nn.Linear(D, H * V, bias=False)
         self.o_norm = GatedRMSNorm(V, V, config.rms_norm_eps, norm_before_gate=True)
@@ -151,18 +172,20 @@ class PalimpsaMixer(nn.Module):
         init.constant_(self.log_prior_precision, math.log(config.prior_precision))
         init.ones_(self.D)
 
-    def forward(self, hidden_states, mask=None, cache_layer=None, impl="auto", output_uncertainty=False):
+    def forward(self, hidden_states, mask=None, cache=None, impl="auto", output_uncertainty=False):
         B, T, _ = hidden_states.shape
         H, K, V = self.num_heads, self.head_dim, self.value_dim
-        q, k, x = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        window, state = read_cache(cache, self.layer_idx)
+        qkx = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
         if mask is not None:  # padded positions feed zeros to the convolutions, as at a sequence start
-            q, k, x = q * mask[..., None], k * mask[..., None], x * mask[..., None]
-        windows = cache_layer.conv_states if cache_layer is not None and cache_layer.conv_states else (None,) * 3
-        q, q_window = causal_conv(q, self.q_conv1d, windows[0])
-        k, k_window = causal_conv(k, self.k_conv1d, windows[1])
-        x, x_window = causal_conv(x, self.v_conv1d, windows[2])
-        q, k = l2_normalize(q.view(B, T, H, K)), l2_normalize(k.view(B, T, H, K))
-        x = x.view(B, T, H, V)
+            qkx = qkx * mask[..., None]
+        # The three depthwise convolutions run as one over the stacked channels (one conv window in the cache).
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        weight = torch.cat([conv.weight[:, 0] for conv in convs])
+        bias = torch.cat([conv.bias for conv in convs]) if self.config.conv_bias else None
+        q, k, x = causal_conv(qkx, weight, bias, window).split([H * K, H * K, H * V], dim=-1)
+        q, k = l2_normalize(q.reshape(B, T, H, K)), l2_normalize(k.reshape(B, T, H, K))
+        x = x.reshape(B, T, H, V)
 
         if self.has_beta:
             beta = torch.sigmoid(self.b_proj(self.b_rank_proj(hidden_states)).float()).view(B, T, H, V)
@@ -191,14 +214,15 @@ class PalimpsaMixer(nn.Module):
             beta,
             log_alpha,
             prior_precision=self.log_prior_precision.float().exp(),
-            initial_state=cache_layer.recurrent_state if cache_layer is not None else None,
-            output_final_state=cache_layer is not None,
+            initial_state=state,
+            output_final_state=cache is not None,
             output_uncertainty=output_uncertainty,
             impl=impl,
+            validate=False,
+            precision_is_prior=not self.config.metaplastic,
         )
-        o, final_state = result[:2]
-        if cache_layer is not None:
-            cache_layer.update(final_state, (q_window, k_window, x_window))
+        o = result[0]
+        write_cache(cache, self.layer_idx, qkx, self.config.conv_size - 1, result[1])
         o = o + self.D.to(o.dtype)[:, None] * x
         o = self.o_norm(o, self.g_proj(hidden_states).view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V)), (result[2] if output_uncertainty else None)
@@ -228,7 +252,7 @@ class MetaMamba2Mixer(nn.Module):
             self.b_rank_proj = nn.Linear(config.hidden_size, config.beta_rank, bias=False)
             self.b_proj = nn.Linear(config.beta_rank, self.inner_size, bias=False)
             self.b_scale = nn.Parameter(torch.empty(H))
-        self.register_buffer("log_prior_precision", torch.empty(H))  # frozen prior
+        self.register_buffer("log_prior_precision", torch.full((H,), math.log(config.prior_precision)))  # frozen
         self.norm = GatedRMSNorm(self.inner_size, self.inner_size // G, config.rms_norm_eps, norm_before_gate=False)
         self.out_proj = nn.Linear(self.inner_size, config.hidden_size, bias=config.use_bias)
 
@@ -256,14 +280,15 @@ class MetaMamba2Mixer(nn.Module):
         else:
             init.ones_(self.b_scale)
 
-    def forward(self, hidden_states, mask=None, cache_layer=None, impl="auto", output_uncertainty=False):
+    def forward(self, hidden_states, mask=None, cache=None, impl="auto", output_uncertainty=False):
         B, T, _ = hidden_states.shape
         H, K, V, G = self.num_heads, self.state_size, self.head_dim, self.n_groups
-        gate, xBC, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, H], dim=-1)
+        window, state = read_cache(cache, self.layer_idx)
+        gate, conv_inputs, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, H], dim=-1)
         if mask is not None:
-            xBC = xBC * mask[..., None]
-        windows = cache_layer.conv_states if cache_layer is not None and cache_layer.conv_states else (None,)
-        xBC, window = causal_conv(xBC, self.conv1d, windows[0])
+            conv_inputs = conv_inputs * mask[..., None]
+        bias = self.conv1d.bias if self.config.conv_bias else None
+        xBC = causal_conv(conv_inputs, self.conv1d.weight[:, 0], bias, window)
         x, Bk, C = xBC.split([self.inner_size, G * K, G * K], dim=-1)
         x = x.view(B, T, H, V)
         q = C.view(B, T, G, K).repeat_interleave(H // G, dim=2)
@@ -288,14 +313,15 @@ class MetaMamba2Mixer(nn.Module):
             log_alpha,
             prior_precision=self.log_prior_precision.float().exp(),
             scale=1.0,
-            initial_state=cache_layer.recurrent_state if cache_layer is not None else None,
-            output_final_state=cache_layer is not None,
+            initial_state=state,
+            output_final_state=cache is not None,
             output_uncertainty=output_uncertainty,
             impl=impl,
+            validate=False,
+            precision_is_prior=not self.config.metaplastic,
         )
-        o, final_state = result[:2]
-        if cache_layer is not None:
-            cache_layer.update(final_state, (window,))
+        o = result[0]
+        write_cache(cache, self.layer_idx, conv_inputs, self.config.conv_size - 1, result[1])
         o = o.float() + self.D.float()[:, None] * x.float()
         y = self.norm(o.reshape(B, T, self.inner_size).to(hidden_states.dtype), gate)
         return self.out_proj(y.to(hidden_states.dtype)), (result[2] if output_uncertainty else None)
@@ -330,13 +356,12 @@ class PalimpsaDecoderLayer(GradientCheckpointingLayer):
         else:
             self.post_attention_layernorm = self.mlp = None
 
-    def forward(self, hidden_states, mask=None, past_key_values=None, impl="auto", output_uncertainty=False, **kwargs):
+    def forward(self, hidden_states, mask=None, cache=None, impl="auto", output_uncertainty=False, **kwargs):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        cache_layer = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         mixed, uncertainty = self.mixer(
             self.input_layernorm(hidden_states),
             mask=mask,
-            cache_layer=cache_layer,
+            cache=cache,
             impl=impl,
             output_uncertainty=output_uncertainty,
         )
@@ -346,83 +371,66 @@ class PalimpsaDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, uncertainty
 
 
-class PalimpsaCacheLayer:
-    """One layer's recurrent memory: the state (mu, I), each [B, H, V, K] float32, and the conv windows."""
-
-    is_compileable = False
-    is_croppable = False
-    is_sliding = False
-    supports_early_init = False
-
-    def __init__(self):
-        self.recurrent_state: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.conv_states: tuple[torch.Tensor, ...] | None = None
-
-    def update(self, recurrent_state, conv_states) -> None:
-        self.recurrent_state, self.conv_states = tuple(recurrent_state), tuple(conv_states)
-
-    def _map(self, fn) -> None:
-        if self.recurrent_state is not None:
-            self.recurrent_state = tuple(fn(x) for x in self.recurrent_state)
-        if self.conv_states is not None:
-            self.conv_states = tuple(fn(x) for x in self.conv_states)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*(self.recurrent_state or ()), *(self.conv_states or ())]
-
-    def reset(self) -> None:
-        self.recurrent_state = self.conv_states = None
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda x: x.index_select(0, beam_idx.to(x.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda x: x[indices])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda x: x.repeat_interleave(repeats, dim=0))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise ValueError("A recurrent Palimpsa state cannot be rolled back by cropping tokens.")
-
-    def offload(self) -> None:
-        self._map(lambda x: x.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        pass
-
-    def get_max_length(self) -> int:
-        return -1
-
-
 class PalimpsaCache(Cache):
-    """Recurrent cache: per layer the state (mu, I) and conv windows, plus the number of tokens seen.
+    """transformers' recurrent cache (one `LinearAttentionLayer` per layer, as `DynamicCache(config=...)` builds
+    from `config.layer_types`) plus a count of the tokens it has seen.
 
-    Its size does not depend on the context length. Built by `PalimpsaModel.forward` when `use_cache` is set.
+    Per layer it holds the conv window of the stacked q, k, v inputs and the memory (mu, I) stacked as
+    [B, 2, H, V, K] float32; its size does not depend on the context length. transformers 5.23's `generate`
+    asks the cache for its length, which its linear-attention layers cannot tell (they count tokens from 5.25
+    on), hence the counter. `PalimpsaModel.forward` builds one when `use_cache` is set and no cache is given.
     """
 
     def __init__(self, config: PalimpsaConfig | None = None, num_layers: int | None = None):
         num_layers = config.num_hidden_layers if num_layers is None else num_layers
-        super().__init__(layers=[PalimpsaCacheLayer() for _ in range(num_layers)])
-        self.seen_tokens = 0
+        super().__init__(layers=[LinearAttentionLayer() for _ in range(num_layers)])
+        self.tokens_seen = 0
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs):
+        if layer_idx == 0 and state_idx == 0:
+            self.tokens_seen += conv_states.shape[-1]
+        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
+        return self.tokens_seen
 
-    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
-        return self.layers[layer_idx or 0].recurrent_state is not None
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0
+    @property
+    def is_compileable(self) -> bool:
+        # transformers 5.23's generate would turn the padding mask into a 4-D attention mask for a compileable cache.
+        return GENERATE_SUPPORTS_RECURRENT_CACHES and all(layer.is_compileable for layer in self.layers)
 
     def reset(self):
         super().reset()
-        self.seen_tokens = 0
+        self.tokens_seen = 0
 
     def nbytes(self) -> int:
-        """Bytes held by the cache (states and conv windows)."""
-        return sum(x.numel() * x.element_size() for layer in self.layers for x in layer.tensors())
+        """Bytes held by the cache (conv windows and memories)."""
+        tensors = [
+            x
+            for layer in self.layers
+            for states in (layer.conv_states, layer.recurrent_states)
+            for x in states.values()
+            if x is not None
+        ]
+        return sum(x.numel() * x.element_size() for x in tensors)
+
+
+def check_cache(cache, num_layers: int) -> None:
+    """A Palimpsa model keeps a recurrent state: the cache must hold a linear-attention layer per model layer."""
+    if cache is None:
+        return
+    layers = getattr(cache, "layers", None)
+    if (
+        not isinstance(cache, Cache)
+        or layers is None
+        or len(layers) < num_layers
+        or not all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers[:num_layers])
+    ):
+        raise TypeError(
+            "Palimpsa keeps a recurrent state: its cache must be a PalimpsaCache, or a transformers Cache of "
+            f"linear-attention layers such as `DynamicCache(config=model.config)`; got {type(cache).__name__}"
+            + (f" with layers {[type(layer).__name__ for layer in layers]}." if layers is not None else ".")
+        )
 
 
 @dataclass
@@ -450,13 +458,16 @@ class PalimpsaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PalimpsaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _is_stateful = True
+    _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": PalimpsaDecoderLayer}
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # generate() must not build a DynamicCache; PalimpsaModel.forward builds a PalimpsaCache
+        # From transformers 5.24 `generate` builds `DynamicCache(config=...)` / `StaticCache` of linear-attention
+        # layers (config.layer_types). On 5.23 it builds none and `PalimpsaModel.forward` builds a PalimpsaCache.
+        return GENERATE_SUPPORTS_RECURRENT_CACHES
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -496,28 +507,28 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         (chunked for prefill and training, the single-step recurrence when decoding one token)."""
         return "triton" if self.config._attn_implementation == TRITON_IMPLEMENTATION else "auto"
 
+    @legacy_cache_name
     @merge_with_config_defaults
     @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: "PalimpsaCache | None" = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_uncertainty: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> PalimpsaModelOutput:
         r"""
-        past_key_values (`PalimpsaCache`, *optional*): the recurrent state to continue from; updated in place.
+        cache (`PalimpsaCache` or a `Cache` of linear-attention layers, *optional*): the recurrent state to continue
+            from; updated in place (`past_key_values` before transformers 5.24; both names are accepted).
         output_uncertainty (`bool`, defaults to `False`): also return each layer's posterior-variance readout.
         """
         check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask)
-        if past_key_values is not None and not isinstance(past_key_values, PalimpsaCache):
-            raise TypeError(
-                f"Palimpsa keeps a recurrent state: `past_key_values` must be a PalimpsaCache (or None), "
-                f"got {type(past_key_values).__name__}."
-            )
+        cache = resolve_cache(cache, past_key_values)
+        check_cache(cache, self.config.num_hidden_layers)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 "Palimpsa takes a 2-D padding mask [batch, seq_len] (1 = token, 0 = padding); "
@@ -525,17 +536,13 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
             )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if self.training and torch.is_grad_enabled() and past_key_values is None:
+        if self.training and torch.is_grad_enabled() and cache is None:
             use_cache = False  # training never reads the final state back
-        if use_cache and past_key_values is None:
-            past_key_values = PalimpsaCache(self.config)
+        if use_cache and cache is None:
+            cache = PalimpsaCache(self.config)
 
-        seq_len = inputs_embeds.shape[1]
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask[:, -seq_len:]  # generate passes the mask of past tokens too
-            mask = None if bool(mask.all()) else mask.to(torch.float32)
-
+        # generate passes the mask of past tokens too; padded positions (0) become no-ops in every layer.
+        mask = attention_mask[:, -inputs_embeds.shape[1] :].to(torch.float32) if attention_mask is not None else None
         hidden_states = inputs_embeds
         uncertainties = []
         impl = self.op_impl()
@@ -543,27 +550,24 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
             hidden_states, uncertainty = decoder_layer(
                 hidden_states,
                 mask=mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 impl=impl,
                 output_uncertainty=output_uncertainty,
                 **kwargs,
             )
             uncertainties.append(uncertainty)
-        if past_key_values is not None:
-            past_key_values.seen_tokens += seq_len
 
         hidden_states = self.norm(hidden_states)
         return PalimpsaModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             uncertainties=tuple(uncertainties) if output_uncertainty else None,
+            **with_cache(cache),
         )
 
 
 class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
+    # No tensor- or pipeline-parallel plan: the tied head would have to be sharded with the embedding.
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}
-    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: PalimpsaConfig):
         super().__init__(config)
@@ -572,20 +576,24 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @legacy_cache_name
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: PalimpsaCache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_uncertainty: bool = False,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> PalimpsaCausalLMOutput:
         r"""
+        cache (`PalimpsaCache`, *optional*): the recurrent state to continue from, updated in place
+            (`past_key_values` before transformers 5.24; both names are accepted).
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Targets for the next-token loss; the shift happens inside. Positions set to -100 are ignored.
         logits_to_keep (`int` or `torch.Tensor`, defaults to 0): compute logits only for the last N positions
@@ -596,7 +604,7 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
         outputs: PalimpsaModelOutput = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_uncertainty=output_uncertainty,
@@ -613,9 +621,9 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
         return PalimpsaCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             uncertainties=outputs.uncertainties,
+            **with_cache(getattr(outputs, CACHE_NAME)),
         )
 
 

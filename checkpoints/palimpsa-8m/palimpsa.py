@@ -84,8 +84,11 @@ def palimpsa_reference(
     return o, final_state
 
 
-def _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state, impl) -> None:
-    """Clear errors for inputs the recurrence cannot take (rather than a broadcasting error deep inside)."""
+def _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state, impl, validate) -> None:
+    """Clear errors for inputs the recurrence cannot take (rather than a broadcasting error deep inside).
+
+    Shapes and dtypes are always checked; the values (signs of prior, beta and log_alpha) only with `validate`,
+    since each such check reads a reduction back to the host (a GPU synchronisation)."""
     if impl not in IMPLS:
         raise ValueError(f"`impl` must be one of {IMPLS}, got {impl!r}.")
     if q.dim() != 4:
@@ -109,7 +112,7 @@ def _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state, impl
             raise ValueError(
                 f"`prior_precision` must be a float or a [{H}] tensor, got {tuple(prior_precision.shape)}."
             )
-        if not torch.compiler.is_compiling() and bool((prior_precision <= 0).any()):
+        if validate and not torch.compiler.is_compiling() and bool((prior_precision <= 0).any()):
             raise ValueError("`prior_precision` must be > 0.")
     elif not float(prior_precision) > 0:
         raise ValueError(f"`prior_precision` must be > 0, got {prior_precision}.")
@@ -122,7 +125,7 @@ def _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state, impl
                     f"`initial_state` {name} must be [batch, heads, value_dim, key_dim] = "
                     f"[{B}, {H}, {v.shape[-1]}, {K}], got {tuple(x.shape)}."
                 )
-    if not torch.compiler.is_compiling():
+    if validate and not torch.compiler.is_compiling():
         # Data checks cost one reduction each; a negative beta or a positive log_alpha can drive I to zero.
         if beta is not None and beta.numel() and bool((beta < 0).any()):
             raise ValueError("`beta` must be >= 0 (it adds precision).")
@@ -159,6 +162,8 @@ def palimpsa_attention(
     output_final_state: bool = False,
     output_uncertainty: bool = False,
     impl: str = "auto",
+    validate: bool = True,
+    precision_is_prior: bool | None = None,
 ):
     """Palimpsa attention (see the module docstring for the recurrence).
 
@@ -173,12 +178,16 @@ def palimpsa_attention(
         output_uncertainty: also return var_t[v] = sum_k q_t[k]^2 / I_t[v, k], the posterior variance readout.
         impl: "reference" (token loop), "chunk" (chunked-parallel PyTorch), "triton", or "auto" (the token loop
             for a single token, i.e. decoding, else "chunk").
+        validate: check the values of prior_precision, beta and log_alpha (one host read-back each). Callers
+            whose gates are positive and forgetting factors at most 1 by construction (the models) pass False.
+        precision_is_prior: with beta=None, whether the initial precision equals the prior, which allows the cheaper
+            gated-linear-attention path; None compares them (one host read-back when an initial state is given).
 
     Returns:
         (o, final_state) or, with `output_uncertainty`, (o, final_state, var): o [B, T, H, V] in q's dtype,
         final_state the pair (mu, I) in float32 or None, var [B, T, H, V].
     """
-    _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state, impl)
+    _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state, impl, validate)
     if q.shape[1] == 0:  # nothing to read or write: the state passes through
         return _empty_result(q, v, prior_precision, initial_state, output_final_state, output_uncertainty)
     if impl == "auto":
@@ -203,7 +212,9 @@ def palimpsa_attention(
     with torch.autocast(q.device.type, enabled=False):
         if impl == "reference":
             return palimpsa_reference(*arguments)
-        if beta is None and not output_uncertainty and _precision_is_prior(initial_state, prior_precision):
+        if precision_is_prior is None:
+            precision_is_prior = beta is None and _precision_is_prior(initial_state, prior_precision)
+        if beta is None and not output_uncertainty and precision_is_prior:
             return gated_linear_attention_chunk(
                 q, k, v, log_alpha, prior_precision, scale, initial_state, output_final_state
             )

@@ -460,7 +460,9 @@ class PalimpsaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PalimpsaDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _is_stateful = True
-    _can_compile_fullgraph = True
+    # The forward compiles with fullgraph=True on every release; `generate` compiles it with a static recurrent cache
+    # only from transformers 5.24 (5.23 builds no cache for a recurrent model other than Mamba2).
+    _can_compile_fullgraph = GENERATE_SUPPORTS_RECURRENT_CACHES
     _can_record_outputs = {"hidden_states": PalimpsaDecoderLayer}
 
     @classmethod
@@ -575,6 +577,29 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        """transformers' preparation, less the padding mask once decoding from the cache: a generated token is never
+        padding, and a mask that grows every step would make a compiled forward recompile (as for Mamba2)."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if use_cache and not is_first_iteration:
+            model_inputs["attention_mask"] = None
+        return model_inputs
 
     @legacy_cache_name
     @can_return_tuple

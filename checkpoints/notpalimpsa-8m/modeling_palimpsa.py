@@ -395,6 +395,10 @@ class PalimpsaCache(Cache):
         return self.tokens_seen
 
     @property
+    def is_croppable(self) -> bool:
+        return False  # rolling the memory back would need every intermediate state, which the layers do not keep
+
+    @property
     def is_compileable(self) -> bool:
         # transformers 5.23's generate would turn the padding mask into a 4-D attention mask for a compileable cache.
         return GENERATE_SUPPORTS_RECURRENT_CACHES and all(layer.is_compileable for layer in self.layers)

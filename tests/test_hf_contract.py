@@ -148,6 +148,33 @@ def test_static_cache_generates_like_the_dynamic_one(name):
     assert torch.equal(static.sequences, model.generate(x, **GREEDY))
 
 
+@pytest.mark.parametrize("name", ["palimpsa", "meta_mamba2"])
+def test_palimpsa_takes_a_padding_mask_in_half_precision(name):
+    model, x = tiny(name).to(torch.bfloat16), prompt()
+    with torch.no_grad():
+        out = model(x, attention_mask=torch.ones_like(x)).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_palimpsa_takes_mamba_cache_name_with_a_warning():
+    """`cache_params=` (transformers' Mamba name) continues the state and warns that it is deprecated."""
+    model, x = tiny("palimpsa"), prompt()
+    with torch.no_grad():
+        full = model(x).logits
+        cache = cache_of(model(x[:, :4], use_cache=True))
+        with pytest.warns(FutureWarning, match="cache_params"):
+            step = model(x[:, 4:], cache_params=cache, use_cache=True).logits
+    torch.testing.assert_close(step, full[:, 4:], atol=2e-5, rtol=1e-4)
+
+
+def test_remote_code_is_written_for_a_wrapped_model_class(tmp_path):
+    """FSDP2's `fully_shard` swaps the model's class for a subclass defined in torch: saving must still ship ours."""
+    model = tiny("values_stream")
+    model.__class__ = type("Wrapped" + type(model).__name__, (type(model),), {"__module__": "torch.fake_wrapper"})
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "modeling_attn_stream.py").is_file()
+
+
 def test_palimpsa_runs_on_transformers_recurrent_caches():
     """`DynamicCache(config=...)` builds linear-attention layers from `config.layer_types`; the model fills it."""
     model, x = tiny("palimpsa"), prompt()

@@ -56,6 +56,9 @@ def write_remote_code(save_directory: str | Path, model_class: type, config, aut
     """
     import sys
 
+    # A wrapper may have subclassed the model (FSDP2's `fully_shard` does): use the class from the model file.
+    model_module = next(iter(auto_classes.values())).__module__
+    model_class = next((c for c in model_class.__mro__ if c.__module__ == model_module), model_class)
     module_file = sys.modules[model_class.__module__].__file__
     sources = flatten_module_sources(module_file)
     config_file = Path(sys.modules[type(config).__module__].__file__).name

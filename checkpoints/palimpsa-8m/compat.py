@@ -31,13 +31,22 @@ def resolve_cache(cache, past_key_values):
     return past_key_values
 
 
-def legacy_cache_name(forward):
+def legacy_cache_name(forward=None, *, recurrent: bool = False):
     """Decorate a forward taking `cache` and `past_key_values`: on releases that renamed the cache (>= 5.24),
     `past_key_values=` still works but warns, through transformers' own `deprecate_kwarg`, exactly as transformers'
-    models do; on 5.23 it is the name `generate` passes, so it stays silent."""
-    if CACHE_NAME == "cache":
-        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)(forward)
-    return forward
+    models do; on 5.23 it is the name `generate` passes, so it stays silent. With `recurrent`, `cache_params=`
+    (the name transformers' Mamba models used) is taken too, with the same warning, on every release."""
+
+    def decorate(function):
+        if recurrent:
+            function = deprecate_kwarg("cache_params", "5.40.0", new_name="cache", raise_if_both_names=True)(function)
+        if CACHE_NAME == "cache":
+            function = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)(
+                function
+            )
+        return function
+
+    return decorate(forward) if forward is not None else decorate
 
 
 def with_cache(cache) -> dict:

@@ -513,7 +513,7 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         (chunked for prefill and training, the single-step recurrence when decoding one token)."""
         return "triton" if self.config._attn_implementation == TRITON_IMPLEMENTATION else "auto"
 
-    @legacy_cache_name
+    @legacy_cache_name(recurrent=True)
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -548,7 +548,9 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
             cache = PalimpsaCache(self.config)
 
         # generate passes the mask of past tokens too; padded positions (0) become no-ops in every layer.
-        mask = attention_mask[:, -inputs_embeds.shape[1] :].to(torch.float32) if attention_mask is not None else None
+        mask = (
+            attention_mask[:, -inputs_embeds.shape[1] :].to(inputs_embeds.dtype) if attention_mask is not None else None
+        )
         hidden_states = inputs_embeds
         uncertainties = []
         impl = self.op_impl()
@@ -605,7 +607,7 @@ class PalimpsaForCausalLM(PalimpsaPreTrainedModel, GenerationMixin):
             model_inputs["attention_mask"] = None
         return model_inputs
 
-    @legacy_cache_name
+    @legacy_cache_name(recurrent=True)
     @can_return_tuple
     def forward(
         self,

@@ -390,8 +390,14 @@ def test_config_errors_are_clear(tmp_path):
 
 
 def test_bad_values_and_unknown_model_keys_are_named(tmp_path):
-    assert set(pretrain.TRAINING_TYPES) == set(pretrain.TRAINING_DEFAULTS)  # every training key is type-checked
     tiny = CONFIGS / "tiny-attn_stream.yaml"
+    # every training key is type-checked: by its default's type, or as nullable
+    assert set(pretrain.TRAINING_NULLABLE) <= set(pretrain.TRAINING_DEFAULTS)
+    for key, default in pretrain.TRAINING_DEFAULTS.items():
+        if default is not None or key in pretrain.TRAINING_NULLABLE:
+            with pytest.raises(ValueError, match=rf"training\.{key} must be"):
+                pretrain.load_config(tiny, [f"training.{key}=[1]"])
+    assert pretrain.load_config(tiny, ["training.max_grad_norm=null"])["training"]["max_grad_norm"] is None
     with pytest.raises(ValueError, match=r"training\.batch_size must be an integer, got 'abc' \(str\)"):
         pretrain.main(["--config", str(tiny), "--set", "training.batch_size=abc", "--dry_run"])
     with pytest.raises(ValueError, match=r"training\.learning_rate must be a number, got 'fast'"):

@@ -82,32 +82,9 @@ TRAINING_DEFAULTS = {
     "save_total_limit": 3,
     "num_workers": 0,
 }
-# What each `training` value must be: "int", "float" (an int is taken too, and so is a string that reads as a
-# number: PyYAML leaves `1e-3` a string, only `1.0e-3` is a float), "bool", or "<kind>|None" where null is allowed.
-TRAINING_TYPES = {
-    "seed": "int",
-    "batch_size": "int",
-    "eval_batch_size": "int|None",
-    "gradient_accumulation_steps": "int",
-    "max_steps": "int",
-    "learning_rate": "float",
-    "min_lr_ratio": "float",
-    "warmup_steps": "int",
-    "weight_decay": "float",
-    "adam_beta1": "float",
-    "adam_beta2": "float",
-    "adam_epsilon": "float",
-    "fused_adamw": "bool",
-    "max_grad_norm": "float|None",
-    "mixed_precision": None,  # checked against MIXED_PRECISION
-    "gradient_checkpointing": "bool",
-    "log_every": "int",
-    "eval_every": "int",
-    "eval_batches": "int",
-    "save_every": "int",
-    "save_total_limit": "int",
-    "num_workers": "int",
-}
+# A `training` value must have its default's type ("float" also takes an int, and a string that reads as a number:
+# PyYAML leaves `1e-3` a string, only `1.0e-3` is a float); these may also be null. mixed_precision has its own check.
+TRAINING_NULLABLE = {"eval_batch_size": "int", "max_grad_norm": "float"}
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
 CARD_DEFAULTS = {"license": "apache-2.0", "language": ["en"], "datasets": [], "tags": ["amformers"]}
 GENERATION_DEFAULTS = {
@@ -157,7 +134,8 @@ def _unknown_keys_error(where: str, unknown, known, shown=None, shown_note: str 
 
 
 def _checked_value(name: str, value, kind: str):
-    """`value` as the type TRAINING_TYPES gives `name` (e.g. "training.batch_size"); a clear error otherwise."""
+    """`value` as type `kind` ("int", "float", "bool", optionally "|None") for the key `name` (e.g.
+    "training.batch_size"); a clear error otherwise."""
     base, _, nullable = kind.partition("|")
     if value is None and nullable:
         return None
@@ -195,23 +173,14 @@ def model_config_class(model_type: str):
 def model_config_keys(model_type: str) -> set[str]:
     """The keys a `model:` section may set: the fields of the family's config class (AttnStreamConfig,
     PalimpsaConfig, ...; their docstrings document each one), inherited PreTrainedConfig fields included."""
-    import inspect
-
-    config_class = model_config_class(model_type)
-    if dataclasses.is_dataclass(config_class):
-        return {field.name for field in dataclasses.fields(config_class)}
-    # transformers releases whose configs are not dataclasses: the keyword arguments of __init__
-    parameters = inspect.signature(config_class.__init__).parameters.values()
-    return {p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {field.name for field in dataclasses.fields(model_config_class(model_type))}
 
 
 def _generic_config_keys() -> set[str]:
     """Fields every transformers config has (dtype, architectures, ...), left out of the listed model keys."""
     from transformers import PreTrainedConfig
 
-    return (
-        {f.name for f in dataclasses.fields(PreTrainedConfig)} if dataclasses.is_dataclass(PreTrainedConfig) else set()
-    )
+    return {field.name for field in dataclasses.fields(PreTrainedConfig)}
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
@@ -262,9 +231,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
     config.setdefault("attn_implementation", None)
     config.setdefault("description", f"{config['model_type']} model pretrained with amformers")
     training = config["training"]
-    for key, kind in TRAINING_TYPES.items():
-        if kind is not None:
-            training[key] = _checked_value(f"config {path}: training.{key}", training[key], kind)
+    for key, default in TRAINING_DEFAULTS.items():
+        if key in TRAINING_NULLABLE:
+            kind = TRAINING_NULLABLE[key] + "|None"
+        elif default is None:
+            continue
+        else:
+            kind = {bool: "bool", int: "int", float: "float"}[type(default)]
+        training[key] = _checked_value(f"config {path}: training.{key}", training[key], kind)
     if training["mixed_precision"] is False:  # YAML 1.1 reads a bare `no` as false
         training["mixed_precision"] = "no"
     if training["mixed_precision"] not in MIXED_PRECISION:

@@ -47,11 +47,11 @@ def _model_from(model_or_path, model_class):
 def llama_to_attn_stream(model_or_path: LlamaForCausalLM | str | Path, **stream_settings) -> AttnStreamForCausalLM:
     """Build an `AttnStreamForCausalLM` carrying a Llama model's weights.
 
-    `stream_settings` are AttnStream stream fields (`attention_stream`, `stream_source`, `stream_weights`,
+    `stream_settings` are AttnStream stream fields (`attention_stream`, `stream_source`, `stream_weighting`,
     `stream_init`). With `attention_stream="none"`, or learned weights with `stream_init="identity"`, the
     result computes exactly what the Llama model does, and the stream weights can then be fine-tuned.
     """
-    allowed = {"attention_stream", "stream_source", "stream_weights", "stream_init"}
+    allowed = {"attention_stream", "stream_source", "stream_weighting", "stream_init"}
     unknown = set(stream_settings) - allowed
     if unknown:
         raise ValueError(f"Unknown stream settings {sorted(unknown)}; expected some of {sorted(allowed)}.")

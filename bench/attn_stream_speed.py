@@ -38,7 +38,7 @@ VARIANTS = {
     "attn_stream none": lambda: AttnStreamForCausalLM(AttnStreamConfig(**SHAPE, attention_stream="none")),
     "attn_stream values fixed": lambda: AttnStreamForCausalLM(AttnStreamConfig(**SHAPE, attention_stream="values")),
     "attn_stream values learned": lambda: AttnStreamForCausalLM(
-        AttnStreamConfig(**SHAPE, attention_stream="values", stream_weights="learned")
+        AttnStreamConfig(**SHAPE, attention_stream="values", stream_weighting="learned")
     ),
 }
 

@@ -150,7 +150,7 @@ def bench_attention(shape, dtype, device, timer, peaks, results):
 
     def triton_fused():
         return attn_stream_flash_attention(
-            q, k, v, None, scale=scale, causal=True, stream="values", stream_source=source, stream_weights=weights
+            q, k, v, None, scale=scale, causal=True, stream="values", source_projection=source, stream_weights=weights
         )
 
     def pytorch_path():  # the model's default: mix in PyTorch, then SDPA

@@ -29,7 +29,6 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
     eager_attention_forward,
-    rotate_half,
 )
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
@@ -72,7 +71,7 @@ class AttnStreamAttention(nn.Module):
         # Which projection this layer streams ("values", "keys", "queries") or None; layer 0 only emits.
         self.stream = None if config.attention_stream == "none" else config.attention_stream
         self.mixes_stream = self.stream is not None and layer_idx > 0
-        if self.mixes_stream and config.stream_weights == "learned":
+        if self.mixes_stream and config.stream_weighting == "learned":
             # Row 0: weight of the layer's own projection, row 1: weight of the source's, one per head.
             self.stream_weights = nn.Parameter(torch.empty(2, config.stream_heads))
         else:
@@ -98,7 +97,7 @@ class AttnStreamAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
-        stream_source: torch.Tensor | None = None,
+        source_projection: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -110,20 +109,20 @@ class AttnStreamAttention(nn.Module):
             "values": self.v_proj(hidden_states).view(hidden_shape),
         }
         raw = projections[self.stream] if self.stream is not None else None
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        # An attention function flagged `fuses_stream_mix` ("amformers_triton") mixes the stream inside its tile
-        # loads from the unmixed projection, the source and the weights, so the mixed tensor is never written.
-        # Only without a cache: a cache must store the mixed keys and values.
-        fused_source = None
         if self.mixes_stream:
-            if stream_source is None:
-                raise ValueError(f"Layer {self.layer_idx} streams {self.stream} but received no stream source.")
-            if cache is None and getattr(attention_interface, "fuses_stream_mix", False):
-                fused_source = stream_source
-            else:
-                projections[self.stream] = self.mix_stream(raw, stream_source)
+            if source_projection is None:
+                raise ValueError(f"Layer {self.layer_idx} streams {self.stream} but received no source projection.")
+            projections[self.stream] = self.mix_stream(raw, source_projection)
+            # The parts of the mix travel as keywords too: an attention function may use them (amformers_triton
+            # mixes values inside its tile loads) or ignore them, as every transformers function does.
+            weights = self.stream_weights if self.stream_weights is not None else self.fixed_stream_weights
+            kwargs = {
+                **kwargs,
+                "stream": self.stream,
+                "own_projection": raw.transpose(1, 2),
+                "source_projection": source_projection.transpose(1, 2),
+                "stream_weights": weights,
+            }
 
         query_states = projections["queries"].transpose(1, 2)
         key_states = projections["keys"].transpose(1, 2)
@@ -131,16 +130,13 @@ class AttnStreamAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if fused_source is not None:
-            fused_source = fused_source.transpose(1, 2)
-            if self.stream != "values":  # RoPE is linear: rotating own and source apart equals rotating the mix
-                fused_source = fused_source * cos.unsqueeze(1) + rotate_half(fused_source) * sin.unsqueeze(1)
-            weights = self.stream_weights if self.stream_weights is not None else self.fixed_stream_weights
-            kwargs = {**kwargs, "stream_mix": (self.stream, fused_source, weights)}
 
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -166,7 +162,7 @@ class AttnStreamDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        stream_source: torch.Tensor | None = None,
+        source_projection: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -174,7 +170,7 @@ class AttnStreamDecoderLayer(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the new hidden states and this layer's raw streamed projection (None without a stream).
 
-        `stream_source` comes positionally, like `hidden_states`: reentrant gradient checkpointing only carries
+        `source_projection` comes positionally, like `hidden_states`: reentrant gradient checkpointing only carries
         gradients through positional tensors.
         """
         residual = hidden_states
@@ -183,7 +179,7 @@ class AttnStreamDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=cache,
-            stream_source=stream_source,
+            source_projection=source_projection,
             **kwargs,
         )
         hidden_states = residual + hidden_states

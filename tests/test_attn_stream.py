@@ -113,7 +113,7 @@ def reference_logits(model: AttnStreamForCausalLM, input_ids: torch.Tensor) -> t
 
 @pytest.mark.parametrize("stream,source,weights", STREAM_VARIANTS + [("none", "previous", "fixed")])
 def test_forward_matches_paper_equations(stream, source, weights):
-    model = tiny_model(attention_stream=stream, stream_source=source, stream_weights=weights)
+    model = tiny_model(attention_stream=stream, stream_source=source, stream_weighting=weights)
     x = ids()
     with torch.no_grad():
         expected = reference_logits(model, x)
@@ -133,12 +133,12 @@ def test_stream_changes_the_model_and_layer_zero_has_no_mix():
 
 
 def test_learned_weights_init_and_gradients():
-    model = AttnStreamForCausalLM(tiny_config(stream_weights="learned", stream_source="first"))
+    model = AttnStreamForCausalLM(tiny_config(stream_weighting="learned", stream_source="first"))
     w = model.model.layers[1].self_attn.stream_weights
     assert w.shape == (2, 2)  # (own, source) x key/value heads
     torch.testing.assert_close(w, torch.full_like(w, 0.5))
     identity = AttnStreamForCausalLM(
-        tiny_config(stream_weights="learned", stream_init="identity", attention_stream="queries")
+        tiny_config(stream_weighting="learned", stream_init="identity", attention_stream="queries")
     )
     wq = identity.model.layers[2].self_attn.stream_weights
     assert wq.shape == (2, 4)
@@ -172,9 +172,9 @@ def tiny_llama(tie=True) -> LlamaForCausalLM:
     "settings",
     [
         dict(attention_stream="none"),
-        dict(attention_stream="values", stream_weights="learned", stream_init="identity"),
-        dict(attention_stream="keys", stream_weights="learned", stream_init="identity", stream_source="first"),
-        dict(attention_stream="queries", stream_weights="learned", stream_init="identity"),
+        dict(attention_stream="values", stream_weighting="learned", stream_init="identity"),
+        dict(attention_stream="keys", stream_weighting="learned", stream_init="identity", stream_source="first"),
+        dict(attention_stream="queries", stream_weighting="learned", stream_init="identity"),
     ],
 )
 @pytest.mark.parametrize("tie", [True, False])
@@ -209,8 +209,8 @@ def test_llama_conversion_from_path_with_fixed_streams(tmp_path):
     [
         (dict(attention_stream="value"), "attention_stream"),
         (dict(stream_source="last"), "stream_source"),
-        (dict(stream_weights="gated"), "stream_weights"),
-        (dict(stream_init="zeros", stream_weights="learned"), "stream_init"),
+        (dict(stream_weighting="gated"), "stream_weighting"),
+        (dict(stream_init="zeros", stream_weighting="learned"), "stream_init"),
         (dict(stream_init="identity"), "identity"),
         (dict(hidden_size=66), "divisible by `num_attention_heads`"),
         (dict(num_key_value_heads=3), "multiple of `num_key_value_heads`"),
@@ -260,7 +260,7 @@ def test_output_attentions_with_eager():
 
 @pytest.mark.parametrize("stream,source,weights", STREAM_VARIANTS)
 def test_cached_decoding_equals_full_forward(stream, source, weights):
-    model = tiny_model(attention_stream=stream, stream_source=source, stream_weights=weights)
+    model = tiny_model(attention_stream=stream, stream_source=source, stream_weighting=weights)
     x = ids(2, 12)
     with torch.no_grad():
         full = model(x).logits
@@ -275,7 +275,7 @@ def test_cached_decoding_equals_full_forward(stream, source, weights):
 
 
 def test_greedy_generation_with_and_without_cache():
-    model = tiny_model(attention_stream="values", stream_weights="learned")
+    model = tiny_model(attention_stream="values", stream_weighting="learned")
     prompt = ids(2, 6)
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     with_cache = model.generate(prompt, use_cache=True, **kwargs)
@@ -323,7 +323,7 @@ def test_sampling_and_beam_search():
 
 
 def test_auto_classes_and_save_load_round_trip(tmp_path):
-    model = tiny_model(attention_stream="values", stream_weights="learned", stream_source="first")
+    model = tiny_model(attention_stream="values", stream_weighting="learned", stream_source="first")
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert isinstance(AutoConfig.from_pretrained(tmp_path), AttnStreamConfig)
@@ -375,7 +375,7 @@ def test_trust_remote_code_loads_without_the_package(tmp_path, tiny_tokenizer):
     import subprocess
     import sys
 
-    model = tiny_model(attention_stream="queries", stream_weights="learned")
+    model = tiny_model(attention_stream="queries", stream_weighting="learned")
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -431,7 +431,7 @@ def lm_examples(tokenizer, length=24):
 def test_trainer_reduces_loss(tmp_path, tiny_tokenizer):
     from transformers import Trainer, TrainingArguments
 
-    model = AttnStreamForCausalLM(tiny_config(initializer_range=0.02, stream_weights="learned"))
+    model = AttnStreamForCausalLM(tiny_config(initializer_range=0.02, stream_weighting="learned"))
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=25,
@@ -450,7 +450,7 @@ def test_trainer_reduces_loss(tmp_path, tiny_tokenizer):
 
 
 def test_gradient_checkpointing_gives_same_gradients():
-    model = tiny_model(stream_weights="learned").train()
+    model = tiny_model(stream_weighting="learned").train()
     x = ids(2, 10)
 
     def grads():
@@ -468,7 +468,7 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
 def test_peft_lora_trains_and_merges(targets):
-    check_peft_lora_trains_and_merges(tiny_model(stream_weights="learned"), targets, ids(2, 9))
+    check_peft_lora_trains_and_merges(tiny_model(stream_weighting="learned"), targets, ids(2, 9))
 
 
 def test_lm_eval_hflm_on_local_task(tmp_path, tiny_tokenizer):

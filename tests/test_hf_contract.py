@@ -26,7 +26,7 @@ MODELS = {
     "keys_learned": (
         amformers.AttnStreamConfig,
         amformers.AttnStreamForCausalLM,
-        {"attention_stream": "keys", "stream_weights": "learned"},
+        {"attention_stream": "keys", "stream_weighting": "learned"},
     ),
     "palimpsa": (amformers.PalimpsaConfig, amformers.PalimpsaForCausalLM, {}),
     "not_palimpsa": (amformers.PalimpsaConfig, amformers.PalimpsaForCausalLM, {"metaplastic": False}),

@@ -303,13 +303,62 @@ def test_invalid_inputs_raise_clear_errors():
         model(x, labels=x[:, :5])
 
 
-def test_triton_attention_implementation_selects_the_triton_op():
+@pytest.mark.parametrize(
+    "name, expected_op",
+    [
+        ("eager", "auto"),
+        ("palimpsa_reference", "reference"),
+        ("palimpsa_chunk", "chunk"),
+        ("amformers_triton", "triton"),
+    ],
+)
+def test_attn_implementation_picks_the_memory_op(name, expected_op, monkeypatch, tmp_path):
+    """Every path of the op can be chosen through the config, from_pretrained or set_attn_implementation."""
+    from amformers.modeling import modeling_palimpsa
+
+    seen = []
+    op = modeling_palimpsa.palimpsa_attention
+    monkeypatch.setattr(modeling_palimpsa, "palimpsa_attention", lambda *a, **k: seen.append(k["impl"]) or op(*a, **k))
     model = tiny_model()
-    assert model.model.op_impl() == "auto"
-    model.config._attn_implementation = "amformers_triton"
-    assert model.model.op_impl() == "triton"
-    with pytest.raises(RuntimeError, match='impl="chunk"'):  # on this CPU, clearly refused (no silent fallback)
-        model(ids())
+    assert model.config._attn_implementation == "eager"  # the default: the PyTorch paths
+    model.set_attn_implementation(name)
+    model.save_pretrained(tmp_path)
+    loaded = PalimpsaForCausalLM.from_pretrained(tmp_path, attn_implementation=name)
+    from_config = PalimpsaForCausalLM(PalimpsaConfig(**{**model.config.to_dict(), "attn_implementation": name}))
+    from_config.load_state_dict(model.state_dict())
+    for candidate in (model, loaded, from_config):
+        assert candidate.config._attn_implementation == name
+        seen.clear()
+        if expected_op == "triton":  # on this CPU: clearly refused (no silent fallback)
+            with pytest.raises(RuntimeError, match="CUDA GPU"):
+                candidate(ids())
+        else:
+            expected = candidate.eval()(ids()).logits
+            torch.testing.assert_close(expected, model.eval()(ids()).logits, atol=1e-5, rtol=1e-5)
+        assert seen and set(seen) == {expected_op}
+
+
+@pytest.mark.parametrize("name", ["sdpa", "flash_attention_2", "flex_attention", "palimpsa_chunked"])
+def test_attn_implementation_refuses_names_without_a_memory_op(name):
+    with pytest.raises(ValueError, match="palimpsa_chunk"):
+        tiny_model().set_attn_implementation(name)
+    with pytest.raises((ValueError, StrictDataclassError), match="palimpsa_reference"):
+        PalimpsaForCausalLM(PalimpsaConfig(**{**tiny_model().config.to_dict(), "attn_implementation": name}))
+
+
+def test_hidden_act_is_the_mlp_activation():
+    torch.manual_seed(0)
+    silu = tiny_model()
+    gelu = PalimpsaForCausalLM(PalimpsaConfig(**{**silu.config.to_dict(), "hidden_act": "gelu"}))
+    gelu.load_state_dict(silu.state_dict())
+    x = ids()
+    with torch.no_grad():
+        assert not torch.allclose(silu(x).logits, gelu(x).logits)
+        mlp = silu.model.layers[0].mlp
+        h = torch.randn(2, 3, silu.config.hidden_size)
+        torch.testing.assert_close(mlp(h), mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)))
+    with pytest.raises((ValueError, StrictDataclassError), match="hidden_act"):
+        PalimpsaConfig(hidden_act="swishy")
 
 
 def test_auto_classes_and_save_load_round_trip(tmp_path):

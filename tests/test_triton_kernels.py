@@ -7,6 +7,7 @@ Triton kernels where they cannot run fails with an error that names the alternat
 """
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 import amformers  # noqa: F401  (registers "amformers_triton")
-from amformers import AttnStreamConfig, AttnStreamForCausalLM
+from amformers import AttnStreamConfig, AttnStreamForCausalLM, PalimpsaConfig, PalimpsaForCausalLM
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -92,8 +93,20 @@ def test_triton_on_cpu_without_interpreter_refuses_clearly():
         model(torch.randint(3, 60, (1, 5)))
     assert "'sdpa'" in str(error.value) and "'eager'" in str(error.value)
     x = torch.randn(1, 4, 1, 8)
-    with pytest.raises(RuntimeError, match='CUDA GPU.*impl="chunk"'):
+    with pytest.raises(RuntimeError, match="CUDA GPU.*impl='chunk'"):
         palimpsa_attention(x, x, x, x.abs(), -torch.rand(1, 4, 1), impl="triton")
+    # A Palimpsa model refuses the same way, and the remedy it names for Palimpsa is one Palimpsa accepts.
+    palimpsa = PalimpsaForCausalLM(
+        PalimpsaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=8, intermediate_size=0)
+    )
+    palimpsa.set_attn_implementation("amformers_triton")
+    with pytest.raises(RuntimeError, match="CUDA GPU") as error:
+        palimpsa(torch.randint(3, 60, (1, 5)))
+    remedy = re.search(r"'(\w+)' \(or '(\w+)'\) for Palimpsa", str(error.value))
+    assert remedy, str(error.value)
+    for name in remedy.groups():
+        palimpsa.set_attn_implementation(name)
+        palimpsa(torch.randint(3, 60, (1, 5)))
 
 
 def test_package_works_without_triton_and_the_switch_says_what_to_install():
@@ -102,7 +115,7 @@ def test_package_works_without_triton_and_the_switch_says_what_to_install():
         import sys
         sys.modules["triton"] = None  # as if triton were not installed: importing the package must not need it
         import torch, amformers
-        from amformers import AttnStreamConfig, AttnStreamForCausalLM
+        from amformers import AttnStreamConfig, AttnStreamForCausalLM, PalimpsaConfig, PalimpsaForCausalLM
         model = AttnStreamForCausalLM(AttnStreamConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
                                                        num_hidden_layers=2, num_attention_heads=2))
         ids = torch.randint(3, 60, (1, 5))

@@ -21,10 +21,8 @@ from transformers.models.llama.modeling_llama import eager_attention_forward  # 
 import amformers  # noqa: E402
 from amformers import AttnStreamConfig, AttnStreamForCausalLM  # noqa: E402
 from amformers.modeling.kernels import attn_stream_triton, palimpsa_triton  # noqa: E402
-from amformers.modeling.kernels.attn_stream_triton import (  # noqa: E402
-    attn_stream_attention_reference,
-    attn_stream_flash_attention,
-)
+from amformers.modeling.kernels.attn_stream import attn_stream_attention_reference  # noqa: E402
+from amformers.modeling.kernels.attn_stream_triton import attn_stream_flash_attention  # noqa: E402
 from amformers.modeling.kernels.palimpsa import palimpsa_attention  # noqa: E402
 from amformers.modeling.kernels.palimpsa_triton import palimpsa_recurrent_step_triton  # noqa: E402
 from amformers.modeling.kernels.triton_switch import amformers_triton_attention  # noqa: E402
@@ -83,7 +81,7 @@ def make_attention_inputs(B, Hq, Hkv, Tq, Tk, D, causal, padded, stream, learned
         heads = own.shape[1]
         source = torch.randn(B, own.shape[2], heads, D).transpose(1, 2).requires_grad_()
         weights = (torch.randn(2, heads) * 0.5 + 1.0).requires_grad_() if learned else (0.5, 0.5)
-        kwargs.update(stream=stream, stream_source=source, stream_weights=weights)
+        kwargs.update(stream=stream, source_projection=source, stream_weights=weights)
     mask = left_padding_mask(B, Tq, Tk, [0, 7][:B], causal) if padded else None
     return q, k, v, mask, kwargs
 
@@ -91,7 +89,8 @@ def make_attention_inputs(B, Hq, Hkv, Tq, Tk, D, causal, padded, stream, learned
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 def test_flash_attention_equals_reference(case):
     q, k, v, mask, kwargs = make_attention_inputs(*ATTENTION_CASES[case])
-    inputs = [q, k, v] + [x for x in (kwargs.get("stream_source"), kwargs.get("stream_weights")) if torch.is_tensor(x)]
+    mix_tensors = (kwargs.get("source_projection"), kwargs.get("stream_weights"))
+    inputs = [q, k, v] + [x for x in mix_tensors if torch.is_tensor(x)]
     out = attn_stream_flash_attention(q, k, v, mask, **kwargs)
     reference = attn_stream_attention_reference(q, k, v, mask, **kwargs)
     assert_close("output", out, reference)
@@ -110,7 +109,7 @@ def test_flash_attention_equals_transformers_eager(case):
     out = attn_stream_flash_attention(q, k, v, mask, **kwargs)
     if stream is not None:
         weights = kwargs["stream_weights"][:, None, :, None, None]
-        mixed = weights[0] * {"queries": q, "keys": k, "values": v}[stream] + weights[1] * kwargs["stream_source"]
+        mixed = weights[0] * {"queries": q, "keys": k, "values": v}[stream] + weights[1] * kwargs["source_projection"]
         q, k, v = (mixed if stream == s else x for s, x in (("queries", q), ("keys", k), ("values", v)))
     if mask is None:
         mask = left_padding_mask(B, Tq, Tk, [0] * B)
@@ -131,7 +130,7 @@ def test_flash_attention_refuses_bad_inputs():
     with pytest.raises(ValueError, match="multiple"):
         attn_stream_flash_attention(torch.randn(1, 3, 8, 16), q, q)
     with pytest.raises(ValueError, match="stream source"):
-        attn_stream_flash_attention(q, q, q, stream="values", stream_source=torch.randn(1, 2, 7, 16))
+        attn_stream_flash_attention(q, q, q, stream="values", source_projection=torch.randn(1, 2, 7, 16))
 
 
 def test_attention_function_refuses_what_the_kernel_does_not_do():
@@ -216,20 +215,22 @@ def fused_streams(monkeypatch):
     [("values", "previous", "learned"), ("keys", "first", "fixed"), ("queries", "previous", "learned")],
 )
 def test_model_forward_backward_equals_default_path(stream, source, weights, fused_streams):
-    """Training-style call (no cache): the kernel mixes the stream in its loads; equal to the default (sdpa)."""
-    model = tiny_attn_stream(attention_stream=stream, stream_source=source, stream_weights=weights)
+    """Training-style call (no cache): equal to the default (sdpa). A values stream is mixed by the kernel in its
+    loads from the parts the layer passes as keywords; key and query streams arrive mixed (the mix precedes RoPE)."""
+    model = tiny_attn_stream(attention_stream=stream, stream_source=source, stream_weighting=weights)
     assert model.config._attn_implementation == "sdpa"  # the default stays the PyTorch path
     input_ids, attention_mask = padded_batch()
     reference = forward_backward(model, "sdpa", input_ids, attention_mask, use_cache=False)
     results = forward_backward(model, "amformers_triton", input_ids, attention_mask, use_cache=False)
-    assert fused_streams == [None, stream, stream]  # layer 0 has no mix; layers 1, 2 fused it
+    fused = stream if stream == "values" else None
+    assert fused_streams == [None, fused, fused]  # layer 0 has no mix; layers 1, 2 fuse a values stream
     assert_same_results(results, reference, attention_mask.bool())
 
 
 def test_model_greedy_generation_equals_sdpa(fused_streams):
-    """With a cache the model mixes (the cache must hold the mixed values) and the kernel gets mixed tensors:
-    prefill and every decoding step with the kernel reproduce sdpa's tokens."""
-    model = tiny_attn_stream(attention_stream="values", stream_weights="learned").eval()
+    """With a cache the cache holds the mixed values: the prefill (no cached keys before it) fuses the values mix,
+    each decoding step reads the mixed cache. Prefill and every step with the kernel reproduce sdpa's tokens."""
+    model = tiny_attn_stream(attention_stream="values", stream_weighting="learned").eval()
     input_ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :3] = 0
@@ -237,7 +238,7 @@ def test_model_greedy_generation_equals_sdpa(fused_streams):
     expected = model.generate(input_ids, **settings)
     model.set_attn_implementation("amformers_triton")
     assert torch.equal(model.generate(input_ids, **settings), expected)
-    assert len(fused_streams) == 3 * 4 and set(fused_streams) == {None}  # 3 layers x (prefill + 3 steps)
+    assert fused_streams == [None, "values", "values"] + [None] * 3 * 3  # prefill, then 3 steps of 3 layers
 
 
 def test_model_from_pretrained_with_triton_attention(tmp_path):
@@ -394,13 +395,17 @@ def tiny_palimpsa(**overrides):
     return amformers.PalimpsaForCausalLM(amformers.PalimpsaConfig(**fields))
 
 
-def test_palimpsa_model_forward_backward_equals_default_path():
+def test_palimpsa_model_forward_backward_equals_default_path(monkeypatch):
     model = tiny_palimpsa()
     default = model.config._attn_implementation  # the PyTorch path
     input_ids, attention_mask = padded_batch(length=13)
     reference = forward_backward(model, default, input_ids, attention_mask, use_cache=False)
+    calls = []
+    kernel = palimpsa_triton.palimpsa_attention_triton
+    spy = lambda *args, **kwargs: calls.append(1) or kernel(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(palimpsa_triton, "palimpsa_attention_triton", spy)
     results = forward_backward(model, "amformers_triton", input_ids, attention_mask, use_cache=False)
-    assert model.model.op_impl() == "triton"
+    assert len(calls) == model.config.num_hidden_layers  # every layer's memory ran the Triton kernel
     assert_same_results(results, reference, attention_mask.bool())
 
 

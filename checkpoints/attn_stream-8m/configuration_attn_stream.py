@@ -12,7 +12,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ATTENTION_STREAMS = ("values", "keys", "queries", "none")
 STREAM_SOURCES = ("previous", "first")
-STREAM_WEIGHTS = ("fixed", "learned")
+STREAM_WEIGHTINGS = ("fixed", "learned")
 STREAM_INITS = ("fixed", "identity")
 
 # (weight of the layer's own projection, weight of the source projection) for each stream source.
@@ -47,15 +47,18 @@ class AttnStreamConfig(PreTrainedConfig):
         stream_source (`str`, defaults to `"previous"`): `"previous"` (the paper: layer l mixes in the raw
             projection of layer l-1; not cumulative) or `"first"` (ResFormer: layer l mixes in layer 0's).
             Layer 0 is never changed.
-        stream_weights (`str`, defaults to `"fixed"`): `"fixed"` mixes `w_own * own + w_src * source` with
+        stream_weighting (`str`, defaults to `"fixed"`): `"fixed"` mixes `w_own * own + w_src * source` with
             (1, 1) for `"previous"` and (0.5, 0.5) for `"first"`; `"learned"` gives every layer after the
-            first one trainable (w_own, w_src) pair per head.
+            first one trainable (w_own, w_src) pair per head (the `stream_weights` parameter of its attention).
+            Configs saved before the rename spell this field `stream_weights`; they load unchanged.
         stream_init (`str`, defaults to `"fixed"`): initial value of learned weights: `"fixed"` (the fixed
             weights above) or `"identity"` ((1, 0): the model starts as the stream-free model, which is how
             streams are retrofitted into a trained Llama checkpoint).
     """
 
     model_type = "attn_stream"
+    # The field was `stream_weights` until the name was left to the learned tensor; old configs still load.
+    attribute_map = {"stream_weights": "stream_weighting"}
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -89,7 +92,7 @@ class AttnStreamConfig(PreTrainedConfig):
     mlp_bias: bool = False
     attention_stream: str = "values"
     stream_source: str = "previous"
-    stream_weights: str = "fixed"
+    stream_weighting: str = "fixed"
     stream_init: str = "fixed"
 
     def __post_init__(self, **kwargs):
@@ -111,15 +114,15 @@ class AttnStreamConfig(PreTrainedConfig):
         for name, allowed in (
             ("attention_stream", ATTENTION_STREAMS),
             ("stream_source", STREAM_SOURCES),
-            ("stream_weights", STREAM_WEIGHTS),
+            ("stream_weighting", STREAM_WEIGHTINGS),
             ("stream_init", STREAM_INITS),
         ):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
-        if self.stream_init == "identity" and self.stream_weights != "learned":
+        if self.stream_init == "identity" and self.stream_weighting != "learned":
             raise ValueError(
-                "`stream_init='identity'` only makes sense with `stream_weights='learned'` "
+                "`stream_init='identity'` only makes sense with `stream_weighting='learned'` "
                 "(fixed weights cannot start at (1, 0))."
             )
         if self.num_attention_heads % self.num_key_value_heads != 0:
@@ -140,7 +143,7 @@ class AttnStreamConfig(PreTrainedConfig):
 
     def initial_stream_weights(self) -> tuple[float, float]:
         """(w_own, w_src) the mix starts from (and keeps, when the weights are fixed)."""
-        if self.stream_weights == "learned" and self.stream_init == "identity":
+        if self.stream_weighting == "learned" and self.stream_init == "identity":
             return (1.0, 0.0)
         return FIXED_STREAM_WEIGHTS[self.stream_source]
 

@@ -11,6 +11,7 @@ precision state, into which `amformers.convert.mamba2_to_palimpsa` loads Mamba2 
 import math
 
 from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 
 MIXERS = ("palimpsa", "mamba2")
@@ -48,7 +49,9 @@ class PalimpsaConfig(PreTrainedConfig):
         time_step_min, time_step_max, time_step_floor (`float`): dt initialisation range (log-uniform).
         time_step_limit (`list[float]`, defaults to `(0.0, inf)`): `mixer="mamba2"`: clamp of dt.
         residual_in_fp32 (`bool`, defaults to `False`): keep the residual stream in float32 (as Mamba2).
-        hidden_act (`str`, defaults to `"silu"`): activation of the MLP gate.
+        hidden_act (`str`, defaults to `"silu"`): activation of the MLP gate (any name of transformers' `ACT2FN`;
+            "silu" makes the MLP SwiGLU). The mixers' own SiLUs (after the convolutions, in the gated norm) are
+            part of the architecture and do not follow it.
         initializer_range (`float`, defaults to 0.02): std of the normal weight initialisation.
         rms_norm_eps (`float`, defaults to 1e-6): epsilon of every RMSNorm.
         use_cache (`bool`, defaults to `True`): return the recurrent cache from `forward`.
@@ -109,6 +112,8 @@ class PalimpsaConfig(PreTrainedConfig):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "conv_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"`{name}` must be positive, got {getattr(self, name)}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` must be a name in transformers' ACT2FN, got {self.hidden_act!r}.")
         if self.intermediate_size < 0:
             raise ValueError(f"`intermediate_size` must be >= 0 (0 = no MLP), got {self.intermediate_size}.")
         value_dim = self.expand_v * self.head_dim

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin, LinearAttentionLayer
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -40,10 +41,19 @@ from .configuration_palimpsa import PalimpsaConfig
 from .compat import CACHE_NAME, GENERATE_SUPPORTS_RECURRENT_CACHES, legacy_cache_name, resolve_cache, with_cache
 from .input_checks import check_labels, check_model_inputs
 from .palimpsa import palimpsa_attention
+from .triton_support import TRITON_ATTN_IMPLEMENTATION
 from .remote_code import write_remote_code
 
-# The attention-implementation name under which the Triton Palimpsa kernel is selected.
-TRITON_IMPLEMENTATION = "amformers_triton"
+# How `attn_implementation` (config, `from_pretrained(..., attn_implementation=...)` or `set_attn_implementation`)
+# picks the path of the memory op, decided here only. "eager", the default: the PyTorch paths (chunked for prompts
+# and training, the one-token recurrence when decoding). The others force one path: the token loop the paper
+# writes (slow; the reference every fast path is tested against), the chunked PyTorch scan, or the Triton kernels.
+MEMORY_OPS = {
+    "eager": "auto",
+    "palimpsa_reference": "reference",
+    "palimpsa_chunk": "chunk",
+    TRITON_ATTN_IMPLEMENTATION: "triton",
+}
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -172,7 +182,7 @@ class PalimpsaMixer(nn.Module):
         init.constant_(self.log_prior_precision, math.log(config.prior_precision))
         init.ones_(self.D)
 
-    def forward(self, hidden_states, mask=None, cache=None, impl="auto", output_uncertainty=False):
+    def forward(self, hidden_states, mask=None, cache=None, output_uncertainty=False):
         B, T, _ = hidden_states.shape
         H, K, V = self.num_heads, self.head_dim, self.value_dim
         window, state = read_cache(cache, self.layer_idx)
@@ -217,7 +227,7 @@ class PalimpsaMixer(nn.Module):
             initial_state=state,
             output_final_state=cache is not None,
             output_uncertainty=output_uncertainty,
-            impl=impl,
+            impl=MEMORY_OPS[self.config._attn_implementation],
             validate=False,
             precision_is_prior=not self.config.metaplastic,
         )
@@ -238,7 +248,8 @@ class MetaMamba2Mixer(nn.Module):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         H, K, V, G = config.num_heads, config.head_dim, config.value_dim, config.n_groups
-        self.num_heads, self.state_size, self.head_dim, self.n_groups = H, K, V, G
+        # head_dim is K (Mamba2's state size), value_dim is V (Mamba2's head_dim): as in the config and PalimpsaMixer.
+        self.num_heads, self.head_dim, self.value_dim, self.n_groups = H, K, V, G
         self.inner_size = H * V
         self.conv_dim = self.inner_size + 2 * G * K
         self.in_proj = nn.Linear(config.hidden_size, self.inner_size + self.conv_dim + H, bias=config.use_bias)
@@ -280,9 +291,9 @@ class MetaMamba2Mixer(nn.Module):
         else:
             init.ones_(self.b_scale)
 
-    def forward(self, hidden_states, mask=None, cache=None, impl="auto", output_uncertainty=False):
+    def forward(self, hidden_states, mask=None, cache=None, output_uncertainty=False):
         B, T, _ = hidden_states.shape
-        H, K, V, G = self.num_heads, self.state_size, self.head_dim, self.n_groups
+        H, K, V, G = self.num_heads, self.head_dim, self.value_dim, self.n_groups
         window, state = read_cache(cache, self.layer_idx)
         gate, conv_inputs, dt = self.in_proj(hidden_states).split([self.inner_size, self.conv_dim, H], dim=-1)
         if mask is not None:
@@ -316,7 +327,7 @@ class MetaMamba2Mixer(nn.Module):
             initial_state=state,
             output_final_state=cache is not None,
             output_uncertainty=output_uncertainty,
-            impl=impl,
+            impl=MEMORY_OPS[self.config._attn_implementation],
             validate=False,
             precision_is_prior=not self.config.metaplastic,
         )
@@ -328,16 +339,17 @@ class MetaMamba2Mixer(nn.Module):
 
 
 class PalimpsaMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act = `config.hidden_act` (SwiGLU with the default "silu")."""
 
     def __init__(self, config: PalimpsaConfig):
         super().__init__()
+        self.act_fn = ACT2FN[config.hidden_act]
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class PalimpsaDecoderLayer(GradientCheckpointingLayer):
@@ -356,14 +368,10 @@ class PalimpsaDecoderLayer(GradientCheckpointingLayer):
         else:
             self.post_attention_layernorm = self.mlp = None
 
-    def forward(self, hidden_states, mask=None, cache=None, impl="auto", output_uncertainty=False, **kwargs):
+    def forward(self, hidden_states, mask=None, cache=None, output_uncertainty=False, **kwargs):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
         mixed, uncertainty = self.mixer(
-            self.input_layernorm(hidden_states),
-            mask=mask,
-            cache=cache,
-            impl=impl,
-            output_uncertainty=output_uncertainty,
+            self.input_layernorm(hidden_states), mask=mask, cache=cache, output_uncertainty=output_uncertainty
         )
         hidden_states = residual + mixed
         if self.mlp is not None:
@@ -475,6 +483,20 @@ class PalimpsaPreTrainedModel(PreTrainedModel):
         # layers (config.layer_types). On 5.23 it builds none and `PalimpsaModel.forward` builds a PalimpsaCache.
         return GENERATE_SUPPORTS_RECURRENT_CACHES
 
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """transformers' validation hook for `attn_implementation`: the names of `MEMORY_OPS` only ("eager" when
+        none is requested), so every path of the memory op can be chosen and any other name is refused here."""
+        if requested_attention is None:
+            return "eager"
+        if requested_attention not in MEMORY_OPS:
+            raise ValueError(
+                f"Palimpsa has no attention implementation {requested_attention!r}: its layers are a recurrent memory. "
+                f"Choose one of {list(MEMORY_OPS)}: 'eager' (the PyTorch paths, the default), 'palimpsa_reference' "
+                "(the paper's token loop), 'palimpsa_chunk' (the chunked PyTorch scan) or "
+                f"{TRITON_ATTN_IMPLEMENTATION!r} (the Triton kernels, CUDA)."
+            )
+        return requested_attention
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)  # Linear/Conv1d ~ N(0, initializer_range), embeddings, norms = 1
@@ -507,11 +529,6 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def op_impl(self) -> str:
-        """Kernel for the memory: Triton when selected as attention implementation, else the PyTorch paths
-        (chunked for prefill and training, the single-step recurrence when decoding one token)."""
-        return "triton" if self.config._attn_implementation == TRITON_IMPLEMENTATION else "auto"
 
     @legacy_cache_name(recurrent=True)
     @merge_with_config_defaults
@@ -553,13 +570,11 @@ class PalimpsaModel(PalimpsaPreTrainedModel):
         )
         hidden_states = inputs_embeds
         uncertainties = []
-        impl = self.op_impl()
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states, uncertainty = decoder_layer(
                 hidden_states,
                 mask=mask,
                 cache=cache,
-                impl=impl,
                 output_uncertainty=output_uncertainty,
                 **kwargs,
             )

@@ -21,6 +21,7 @@ optional Triton path in `palimpsa_triton.py` is imported lazily.
 import torch
 
 from .palimpsa_chunk import gated_linear_attention_chunk, palimpsa_chunk
+from .triton_support import load_triton_kernel
 
 IMPLS = ("auto", "reference", "chunk", "triton")
 
@@ -133,20 +134,11 @@ def _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state, impl
             raise ValueError("`log_alpha` must be <= 0 (alpha = exp(log_alpha) is a forgetting factor in (0, 1]).")
 
 
-def _triton_impl(device: torch.device):
-    """The Triton path, imported only when asked for; a clear error when it cannot run here."""
-    try:
-        from .palimpsa_triton import INTERPRETED, palimpsa_attention_triton
-    except ImportError as error:
-        raise RuntimeError(
-            f'impl="triton" is unavailable ({error}); use impl="chunk", the PyTorch path that runs everywhere.'
-        ) from error
-    if device.type != "cuda" and not (device.type == "cpu" and INTERPRETED):
-        raise RuntimeError(
-            f'impl="triton" runs Triton kernels, which need a CUDA GPU; these tensors are on {device}. '
-            'Use impl="chunk", the PyTorch path that runs everywhere.'
-        )
-    return palimpsa_attention_triton
+def _triton_kernel():
+    """Imported only when asked for: the package works without Triton."""
+    from .palimpsa_triton import INTERPRETED, palimpsa_attention_triton
+
+    return INTERPRETED, palimpsa_attention_triton
 
 
 def palimpsa_attention(
@@ -207,7 +199,7 @@ def palimpsa_attention(
     if impl == "triton":
         if beta is None:  # the Triton contract always takes a beta; zero importance is the same recurrence
             arguments = (q, k, v, torch.zeros_like(v), *arguments[4:])
-        return _triton_impl(q.device)(*arguments)
+        return load_triton_kernel(_triton_kernel, q.device, 'impl="triton"')(*arguments)
     # The state accumulates in float32 whatever autocast would pick for the matrix products inside.
     with torch.autocast(q.device.type, enabled=False):
         if impl == "reference":

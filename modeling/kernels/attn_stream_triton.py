@@ -1,6 +1,6 @@
 """AttnStream flash attention in Triton: causal, padding mask, grouped-query, head dims 16-128, fused stream mix.
 
-What it computes (the reference twin is `attn_stream_attention_reference` below, eager attention on the
+What it computes (the reference twin is `attn_stream_attention_reference` in `attn_stream.py`, eager attention on the
 explicitly mixed tensors):
 
     x_mixed = w_own[h] * x + w_src[h] * x_src      for the streamed one of x in {q, k, v}, head by head
@@ -35,16 +35,15 @@ Testing on CPU: import this module with TRITON_INTERPRET=1 set (before triton is
 run in Triton's interpreter on CPU tensors with a single config (autotuning needs a GPU driver), fp32 only.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
+from .attn_stream import STREAM_CODES, check_attention_inputs
+
 # @triton.jit decides at decoration time whether it builds an interpreted function: remember which we got.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
-STREAM_CODES = {None: 0, "queries": 1, "keys": 2, "values": 3}
 MIX_Q, MIX_K, MIX_V = 1, 2, 3
 _LOG2E = 1.4426950408889634
 
@@ -414,41 +413,6 @@ class _AttnStreamFlashAttention(torch.autograd.Function):
         return dq, dk, dv, dsource, dweights, None, None, None, None
 
 
-def _check_inputs(q, k, v, attention_mask, stream, stream_source, stream_weights):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"q, k, v must be [batch, heads, seq, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
-        )
-    B, H_Q, T_Q, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [batch={B}, kv_heads, seq, {D}].")
-    if H_Q % k.shape[1] != 0:
-        raise ValueError(f"query heads ({H_Q}) must be a multiple of key/value heads ({k.shape[1]}).")
-    if not 16 <= D <= 128:
-        raise ValueError(f"head_dim {D} is outside the 16-128 the amformers_triton kernel supports; use 'sdpa'.")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share one of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}.")
-    if attention_mask is not None:
-        if attention_mask.dtype != torch.bool:
-            raise ValueError(
-                "amformers_triton takes a boolean attention mask (True = attend), as transformers' sdpa_mask builds; "
-                f"got {attention_mask.dtype}. Additive float masks (biases) need attn_implementation='eager'."
-            )
-        if attention_mask.dim() != 4 or attention_mask.shape[-2:] != (T_Q, k.shape[2]):
-            raise ValueError(
-                f"attention_mask must be [batch, 1 or heads, {T_Q}, {k.shape[2]}]; got {tuple(attention_mask.shape)}."
-            )
-    if stream not in STREAM_CODES:
-        raise ValueError(f"stream must be one of {list(STREAM_CODES)}, got {stream!r}.")
-    if stream is not None:
-        own = {"queries": q, "keys": k, "values": v}[stream]
-        if stream_source is None or stream_source.shape != own.shape:
-            got = None if stream_source is None else tuple(stream_source.shape)
-            raise ValueError(f"the {stream} stream source must have the {stream} shape {tuple(own.shape)}; got {got}.")
-        if stream_source.dtype != own.dtype or stream_source.device != own.device:
-            raise ValueError("the stream source must share the dtype and device of the projection it mixes into.")
-
-
 def attn_stream_flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -458,7 +422,7 @@ def attn_stream_flash_attention(
     scale: float | None = None,
     causal: bool = True,
     stream: str | None = None,
-    stream_source: torch.Tensor | None = None,
+    source_projection: torch.Tensor | None = None,
     stream_weights: torch.Tensor | tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Flash attention with the stream mix fused into its loads. Returns [batch, q_len, q_heads, head_dim].
@@ -466,10 +430,10 @@ def attn_stream_flash_attention(
     q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Hq a multiple of Hkv; attention_mask: bool, broadcastable
     [B, 1|Hq, Tq, Tk], True = attend (combined with the causal mask when `causal`, bottom-right aligned so a
     query block at the end of a cache sees every cached key). `stream` names which of q/k/v is
-    `w_own * x + w_src * stream_source` (same shape as x); `stream_weights` is a [2, heads] tensor (row 0: own,
+    `w_own * x + w_src * source_projection` (same shape as x); `stream_weights` is a [2, heads] tensor (row 0: own,
     row 1: source; heads = Hq for queries, Hkv for keys/values; gradients flow) or a fixed (w_own, w_src) pair.
     """
-    _check_inputs(q, k, v, attention_mask, stream, stream_source, stream_weights)
+    check_attention_inputs(q, k, v, attention_mask, stream, source_projection, stream_weights)
     mix = STREAM_CODES[stream]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     weights = None
@@ -485,43 +449,7 @@ def attn_stream_flash_attention(
         weights = weights.contiguous()
     if q.shape[2] == 0:
         return q.new_zeros(q.shape[0], 0, q.shape[1], q.shape[3])
-    return _AttnStreamFlashAttention.apply(q, k, v, stream_source, weights, attention_mask, scale, causal, mix)
+    return _AttnStreamFlashAttention.apply(q, k, v, source_projection, weights, attention_mask, scale, causal, mix)
 
 
-def attn_stream_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-    causal: bool = True,
-    stream: str | None = None,
-    stream_source: torch.Tensor | None = None,
-    stream_weights: torch.Tensor | tuple[float, float] | None = None,
-) -> torch.Tensor:
-    """The reference twin: mix explicitly, repeat kv heads, softmax in fp32; all-masked rows give zeros."""
-    _check_inputs(q, k, v, attention_mask, stream, stream_source, stream_weights)
-    if stream is not None:
-        if isinstance(stream_weights, torch.Tensor):
-            w = stream_weights.to(q.dtype)[:, None, :, None, None]  # [2, 1, heads, 1, 1]
-            w_own, w_src = w[0], w[1]
-        else:
-            w_own, w_src = stream_weights
-        mixed = {"queries": q, "keys": k, "values": v}[stream] * w_own + stream_source * w_src
-        q, k, v = (mixed if stream == name else x for name, x in (("queries", q), ("keys", k), ("values", v)))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    t_q, t_k = q.shape[2], k.shape[2]
-    keep = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device)
-    if causal:
-        keep = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
-    keep = keep[None, None] if attention_mask is None else keep & attention_mask
-    scores = scores.masked_fill(~keep, -math.inf)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows: softmax of -inf is nan -> 0
-    return torch.matmul(probs.to(v.dtype), v).transpose(1, 2)
-
-
-__all__ = ["INTERPRETED", "attn_stream_attention_reference", "attn_stream_flash_attention"]
+__all__ = ["INTERPRETED", "attn_stream_flash_attention"]

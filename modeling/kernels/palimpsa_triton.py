@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_support import require_triton_device
+
 # @triton.jit decides at decoration time whether it builds an interpreted function: remember which we got.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
@@ -319,17 +321,6 @@ class _PalimpsaChunkScan(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _require_triton_device(x: torch.Tensor) -> None:
-    """Refuse clearly (never fall back) when these kernels cannot run on x's device."""
-    if x.device.type == "cuda" or (x.device.type == "cpu" and INTERPRETED):
-        return
-    raise RuntimeError(
-        f"Palimpsa's Triton kernels need a CUDA GPU; these tensors are on {x.device}. Use the PyTorch path instead: "
-        'palimpsa_attention(..., impl="chunk") or, on a model, attn_implementation="sdpa" (or "eager"). '
-        "(For CPU tests only: TRITON_INTERPRET=1, set before triton is imported, runs them in Triton's interpreter.)"
-    )
-
-
 def _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state):
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must be [batch, seq, heads, key_dim] alike; got {tuple(q.shape)}, {tuple(k.shape)}.")
@@ -352,7 +343,7 @@ def _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state):
         shape = (B, H, v.shape[-1], DK)
         if len(initial_state) != 2 or any(tuple(x.shape) != shape for x in initial_state):
             raise ValueError(f"the state must be (mu, I), each [batch, heads, value_dim, key_dim] = {shape}.")
-    _require_triton_device(q)
+    require_triton_device(q.device, INTERPRETED, "Palimpsa's Triton kernels")
 
 
 def _prior_per_head(prior_precision, num_heads: int, device) -> torch.Tensor:

@@ -2,55 +2,31 @@
 
 `import amformers` calls `register_triton_attention()`, after which users pick the kernels the transformers way:
 `from_pretrained(..., attn_implementation="amformers_triton")` or `model.set_attn_implementation("amformers_triton")`.
-AttnStream dispatches its attention to `amformers_triton_attention` (the flash-attention kernel, with the stream mix
-fused into its loads when the model hands over the unmixed projection); Palimpsa maps the same name to
-`impl="triton"` of its scan. "eager" and "sdpa" keep the PyTorch paths, and the default on CPU stays the PyTorch path.
+AttnStream's attention layer hands `amformers_triton_attention` what it hands every attention function: the
+mixed q, k, v, plus the parts of the stream mix as keywords (`stream`, `own_projection`, `source_projection`,
+`stream_weights`), which this function uses for a values stream without cached keys (the kernel mixes inside its
+tile loads) and which transformers' own functions ignore. Palimpsa maps the same name to the Triton path of its
+memory op (`modeling_palimpsa.MEMORY_OPS`). The default on CPU stays the PyTorch path of each family.
 
-Triton is never a hard import: this module only imports it when a kernel is called, and then refuses clearly
-(naming "sdpa"/"eager" as the alternatives) rather than falling back when Triton cannot run here. "Can run" means:
-the tensors are on a CUDA device, or they are on the CPU and the kernels were built by Triton's interpreter
-(TRITON_INTERPRET=1 set before the kernel module was first imported; tests only, fp32, slow).
+Triton is never a hard import: the kernel modules are imported when a kernel is called, through
+`triton_support.load_triton_kernel`, the one place that refuses clearly (never falls back) when Triton cannot
+run, with the remedy for each family. "Can run" means: the tensors are on a CUDA device, or they are on the CPU
+and the kernels were built by Triton's interpreter (TRITON_INTERPRET=1 set before the kernel module was first
+imported; tests only, fp32, slow).
 """
-
-import importlib
-import os
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-TRITON_ATTN_IMPLEMENTATION = "amformers_triton"
-PYTORCH_ALTERNATIVES = "attn_implementation='sdpa' (the fast PyTorch path) or 'eager'"
+from .triton_support import TRITON_ATTN_IMPLEMENTATION, load_triton_kernel
 
 
-def load_triton_kernels(module_name: str, device: torch.device, what: str):
-    """Import `amformers.modeling.kernels.<module_name>` if its Triton kernels can run on `device`, else raise.
+def _triton_kernel():
+    """Imported only when a kernel runs: the package works without Triton."""
+    from .attn_stream_triton import INTERPRETED, attn_stream_flash_attention
 
-    `what` names the caller in the error message, e.g. "attn_implementation='amformers_triton'".
-    """
-    try:
-        kernels = importlib.import_module(f"{__package__}.{module_name}")
-    except ImportError as error:
-        raise RuntimeError(
-            f"{what} needs Triton, which is not installed ({error}). Install it on a CUDA machine with "
-            f"`pip install 'amformers[kernels]'`, or use {PYTORCH_ALTERNATIVES}."
-        ) from error
-    device = torch.device(device)
-    if device.type == "cuda":
-        return kernels
-    if device.type == "cpu" and kernels.INTERPRETED:
-        return kernels
-    hint = ""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        hint = (
-            " TRITON_INTERPRET=1 is set, but only after the kernels were compiled for a GPU; set it before the first "
-            "import of triton-using code (e.g. in a fresh process)."
-        )
-    raise RuntimeError(
-        f"{what} runs Triton kernels, which need a CUDA GPU; these tensors are on {device}. Use "
-        f"{PYTORCH_ALTERNATIVES} instead (for testing on CPU only: TRITON_INTERPRET=1 runs the kernels in Triton's "
-        f"interpreter).{hint}"
-    )
+    return INTERPRETED, attn_stream_flash_attention
 
 
 def amformers_triton_attention(
@@ -61,18 +37,21 @@ def amformers_triton_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    stream_mix: tuple | None = None,
+    stream: str | None = None,
+    own_projection: torch.Tensor | None = None,
+    source_projection: torch.Tensor | None = None,
+    stream_weights: torch.Tensor | tuple[float, float] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-interface function: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> ([B, T, Hq, D], None).
 
-    `stream_mix=(stream, source, weights)` (from AttnStream, without a cache) asks the kernel to use
-    `w_own * x + w_src * source` for x = the `stream` ("queries"/"keys"/"values") argument, mixing inside its loads;
-    `weights` is a [2, heads] tensor or a fixed (w_own, w_src) pair.
+    q, k, v arrive mixed, as for any attention function. When the caller also passes the parts of a values mix
+    (`stream="values"`, `own_projection` = the unmixed values and `source_projection`, both [B, Hkv, T, D], and
+    `stream_weights`, a [2, Hkv] tensor or a fixed (w_own, w_src) pair) and no cached keys precede them (S == T),
+    the kernel reads the parts and mixes in its tile loads instead of reading `value`. Key and query streams are
+    mixed before RoPE, so their parts are not usable here: the mixed tensors are used.
     """
-    kernels = load_triton_kernels(
-        "attn_stream_triton", query.device, f"attn_implementation={TRITON_ATTN_IMPLEMENTATION!r}"
-    )
+    kernel = load_triton_kernel(_triton_kernel, query.device, f"attn_implementation={TRITON_ATTN_IMPLEMENTATION!r}")
     if dropout:
         raise ValueError(
             f"{TRITON_ATTN_IMPLEMENTATION!r} has no attention dropout (got p={dropout}); set attention_dropout=0 "
@@ -85,23 +64,12 @@ def amformers_triton_attention(
             )
     is_causal = kwargs.get("is_causal")
     is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    stream, source, weights = stream_mix if stream_mix is not None else (None, None, None)
-    output = kernels.attn_stream_flash_attention(
-        query,
-        key,
-        value,
-        attention_mask,
-        scale=scaling,
-        causal=bool(is_causal),
-        stream=stream,
-        stream_source=source,
-        stream_weights=weights,
-    )
+    mix = {}
+    if stream == "values" and own_projection is not None and own_projection.shape == value.shape:
+        value = own_projection
+        mix = {"stream": stream, "source_projection": source_projection, "stream_weights": stream_weights}
+    output = kernel(query, key, value, attention_mask, scale=scaling, causal=bool(is_causal), **mix)
     return output, None
-
-
-# Read by AttnStreamAttention: a function with this flag mixes the stream itself, given the unmixed projection.
-amformers_triton_attention.fuses_stream_mix = True
 
 
 def register_triton_attention() -> None:
@@ -112,9 +80,7 @@ def register_triton_attention() -> None:
 
 
 __all__ = [
-    "PYTORCH_ALTERNATIVES",
     "TRITON_ATTN_IMPLEMENTATION",
     "amformers_triton_attention",
-    "load_triton_kernels",
     "register_triton_attention",
 ]

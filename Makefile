@@ -13,8 +13,8 @@ NEWEST := .venv-newest
 NEWEST_STAMP := $(NEWEST)/.installed
 # The lower bound of `transformers>=X,<Y` in pyproject.toml's dependencies.
 TRANSFORMERS_FLOOR := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\)[,"].*/\1/p' pyproject.toml)
-# Model, generation, checkpoint and conversion tests, plus every tests/test_hf_*.py (the transformers contract).
-NEWEST_TESTS := tests/test_attn_stream.py tests/test_palimpsa_model.py tests/test_palimpsa_op.py \
+# Model, generation, checkpoint, conversion and shared integration tests, plus every tests/test_hf_*.py (the transformers contract).
+NEWEST_TESTS := tests/test_attn_stream.py tests/test_palimpsa_model.py tests/test_palimpsa_op.py tests/test_integration.py \
 	tests/test_checkpoints.py tests/test_convert_mamba2.py $(sort $(wildcard tests/test_hf_*.py))
 VERSIONS := import importlib.metadata as m; \
 	print("versions:", ", ".join(p + " " + m.version(p) for p in ("transformers", "accelerate", "peft", "torch")))

@@ -1,14 +1,9 @@
 """Palimpsa as a transformers model: the layer against its equations, caching, padding, and the integrations."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
-from integration_checks import check_lm_eval_hflm_matches_own_scoring, check_peft_lora_trains_and_merges
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
 
 import amformers
@@ -374,129 +369,6 @@ def test_auto_classes_and_save_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded.model.layers[1].mixer.log_prior_precision, torch.full((2,), 2.0).log())
     assert type(AutoModel.from_config(model.config)) is PalimpsaModel
     assert amformers.PalimpsaConfig is PalimpsaConfig
-
-
-REMOTE_SCRIPT = r"""
-import sys
-class BlockAmformers:
-    def find_spec(self, name, path=None, target=None):
-        if name == "amformers" or name.startswith("amformers."):
-            raise ImportError("amformers is blocked in this process")
-sys.meta_path.insert(0, BlockAmformers())
-try:
-    import amformers  # noqa
-    raise SystemExit("amformers should not be importable here")
-except ImportError:
-    pass
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-assert "amformers" not in type(model).__module__, type(model).__module__
-x = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save(model(x).logits, sys.argv[3])
-    generated = model.generate(x[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
-print("OK", type(model).__module__, len(tok), tuple(generated.shape))
-"""
-
-
-def test_trust_remote_code_loads_without_the_package(tmp_path, tiny_tokenizer):
-    model = tiny_model()
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    for name in ("modeling_palimpsa.py", "configuration_palimpsa.py", "palimpsa.py", "palimpsa_chunk.py"):
-        assert (model_dir / name).is_file(), name
-    x = ids()
-    torch.save(x, tmp_path / "x.pt")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", REMOTE_SCRIPT, str(model_dir), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "OK transformers_modules" in result.stdout and "(2, 7)" in result.stdout
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x).logits, atol=1e-6, rtol=1e-6)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# pipeline, Trainer, gradient checkpointing, PEFT, lm-eval
-
-
-def test_text_generation_pipeline(tiny_tokenizer):
-    from transformers import pipeline
-
-    generator = pipeline("text-generation", model=tiny_model(), tokenizer=tiny_tokenizer, device="cpu")
-    prompts = ["Once upon a time", "The cat"]
-    out = generator(prompts, max_new_tokens=8, do_sample=False, batch_size=2)
-    for prompt, result in zip(prompts, out):
-        text = result[0]["generated_text"]
-        assert text.startswith(prompt) and len(text) > len(prompt)
-
-
-def lm_examples(tokenizer, length=24):
-    from conftest import TOKENIZER_TEXT
-
-    rows = []
-    for text in TOKENIZER_TEXT[:5]:
-        input_ids = tokenizer(text)["input_ids"][:length]
-        input_ids += [tokenizer.pad_token_id] * (length - len(input_ids))
-        labels = [t if t != tokenizer.pad_token_id else -100 for t in input_ids]
-        rows.append({"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)})
-    return rows
-
-
-def test_trainer_reduces_loss(tmp_path, tiny_tokenizer):
-    from transformers import Trainer, TrainingArguments
-
-    model = PalimpsaForCausalLM(tiny_config(initializer_range=0.02))
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=15,
-        per_device_train_batch_size=5,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=lm_examples(tiny_tokenizer))
-    trainer.train()
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    assert losses[-1] < 0.7 * losses[0], losses
-
-
-def test_gradient_checkpointing_gives_same_gradients():
-    model = tiny_model().train()
-    x = ids(2, 10)
-
-    def grads():
-        model.zero_grad()
-        model(x, labels=x).loss.backward()
-        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.gradient_checkpointing_enable()
-    checkpointed = grads()
-    assert model.model.gradient_checkpointing and plain.keys() == checkpointed.keys()
-    for name in plain:
-        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize("variant,targets", [("palimpsa", ["q_proj", "v_proj"]), ("meta_mamba2", "all-linear")])
-def test_peft_lora_trains_and_merges(variant, targets):
-    check_peft_lora_trains_and_merges(tiny_model(**VARIANTS[variant]), targets, ids(2, 9))
-
-
-def test_lm_eval_hflm_on_local_task(tmp_path, tiny_tokenizer):
-    check_lm_eval_hflm_matches_own_scoring(tiny_model(), tiny_tokenizer, tmp_path, "tiny_palimpsa_choice")
 
 
 def test_cache_object_api():

@@ -11,7 +11,7 @@ except that the last key is noise N(0, I/D) (so the query cannot match itself); 
 readout is the value at argmax_i <k_i, q_T>, correct when it is the query class's label. Class means and
 labels are redrawn for every trial, as in the official notebook (AMICL/AMICL.ipynb), which this vectorises.
 
-    python -m amformers.eval.amicl            # table + sweep -> eval/results/amicl.json, eval/results/amicl.png
+    python -m experiments.amicl.run     # table + sweep -> experiments/amicl/results/amicl.json and amicl.png
 """
 
 import argparse
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS_ROOT, git_commit
+from amformers.eval.results import format_table, git_commit
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # The notebook's stored outputs: (D, K, T, a) -> correct trials out of 1000.
 NOTEBOOK_TABLE = [
@@ -135,19 +137,17 @@ def main(argv=None):
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--sweep-points", type=int, default=41)
-    parser.add_argument("--out", type=Path, default=RESULTS_ROOT / "amicl.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "amicl.json")
     args = parser.parse_args(argv)
     started = time.time()
     result = run(args.trials, args.seeds, args.sweep_points)
     result["config"] = {"trials": args.trials, "seeds": args.seeds, "sweep_points": args.sweep_points, "eps": 0.1}
-    result["command"] = shlex.join(["python", "-m", "amformers.eval.amicl", *(sys.argv[1:] if argv is None else argv)])
+    result["command"] = shlex.join(["python", "-m", "experiments.amicl.run", *(sys.argv[1:] if argv is None else argv)])
     result["git_commit"] = git_commit()
     result["seconds"] = round(time.time() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out.with_suffix(".png"))
-    from .common import format_table
-
     cols = ["D", "K", "T", "a", "notebook_correct", "correct_mean", "correct_std", "difference_pp", "within_3pp"]
     print(format_table([{**row, "a": f"{row['a']:g}"} for row in result["table"]], cols, floatfmt=".1f"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -22,9 +22,9 @@ Streams (layer 2 only; the raw layer-1 projection is of the layer-1 input x0):
   keys       scores (k2 + k1) . q2                      (K1 files)
   learned-*  w_own * own + w_src * source with a trainable (w_own, w_src) pair, initialised (1, 1)
 
-    python -m amformers.eval.icl_reddy train --variant values --seed 0      # one resumable run in runs/icl_reddy/
-    python -m amformers.eval.icl_reddy launch --seeds 0 1 2 --workers 2     # every variant x seed, niced
-    python -m amformers.eval.icl_reddy summarise                            # finished runs -> eval/results/
+    python -m experiments.icl_reddy.run train --variant values --seed 0      # one resumable run in runs/icl_reddy/
+    python -m experiments.icl_reddy.run launch --seeds 0 1 2 --workers 2     # every variant x seed, niced
+    python -m experiments.icl_reddy.run summarise                          # finished runs -> results/
 """
 
 import argparse
@@ -39,7 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import REPO_ROOT, RESULTS_ROOT, git_commit
+from amformers.eval.results import git_commit
+
+from .. import REPO_ROOT, RUNS_ROOT
 
 K, L, N, NMAX, D = 512, 32, 8, 32, 85
 K_NOVEL, EPS = 128, 0.1
@@ -47,7 +49,8 @@ INPUT_DIM = 2 * NMAX + 1 + D  # 150
 SEQ_LEN = 2 * N + 1  # 17
 VARIANTS = ("baseline", "values", "keys", "queries", "learned-values", "learned-keys", "learned-queries")
 TEST_SETS = ("test", "ic", "ic2", "iw")
-RUNS_DIR = REPO_ROOT / "runs" / "icl_reddy"
+RUNS_DIR = RUNS_ROOT / "icl_reddy"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class TaskData:
@@ -283,15 +286,26 @@ def launch(variants, seeds, workers: int, extra: list[str]) -> None:
         variant, seed = startable[0]
         pending.remove((variant, seed))
         log = open(RUNS_DIR / f"{variant}_s{seed}.log", "a")  # noqa: SIM115  (closed when the child exits)
-        command = [sys.executable, "-m", "amformers.eval.icl_reddy", "train", "--variant", variant, "--seed", str(seed)]
-        process = subprocess.Popen([*nice, *command, *extra], stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        command = [
+            sys.executable,
+            "-m",
+            "experiments.icl_reddy.run",
+            "train",
+            "--variant",
+            variant,
+            "--seed",
+            str(seed),
+        ]
+        process = subprocess.Popen(
+            [*nice, *command, *extra], stdout=log, stderr=subprocess.STDOUT, env=os.environ, cwd=REPO_ROOT
+        )
         children.append(process)
         (RUNS_DIR / f"{variant}_s{seed}").mkdir(parents=True, exist_ok=True)
         (RUNS_DIR / f"{variant}_s{seed}" / "running.pid").write_text(str(process.pid))
         time.sleep(2)
 
 
-def summarise(out: Path = RESULTS_ROOT / "icl_reddy.json", runs_dir: Path = RUNS_DIR) -> dict:
+def summarise(out: Path = RESULTS / "icl_reddy.json", runs_dir: Path = RUNS_DIR) -> dict:
     """Collect finished runs into one results file (unfinished runs are listed, not summarised)."""
     runs, unfinished = [], []
     for run_dir in sorted(Path(runs_dir).glob("*_s*")):
@@ -337,7 +351,7 @@ def summarise(out: Path = RESULTS_ROOT / "icl_reddy.json", runs_dir: Path = RUNS
         }
     result = {
         "claim": "values stream reaches 95% ICL accuracy 24% faster than the baseline (Burns et al., Reddit post)",
-        "command": "python -m amformers.eval.icl_reddy summarise",
+        "command": "python -m experiments.icl_reddy.run summarise",
         "git_commit": git_commit(),
         "variants": by_variant,
         "unfinished_runs": unfinished,
@@ -365,7 +379,7 @@ def main(argv=None):
         sub.add_argument(
             "--stop-sets", nargs="*", choices=TEST_SETS, default=list(TEST_SETS), help="stop when all >= 95%"
         )
-    commands.add_parser("summarise", help="finished runs -> eval/results/icl_reddy.json")
+    commands.add_parser("summarise", help="finished runs -> experiments/icl_reddy/results/icl_reddy.json")
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args.variant, args.seed, args.iterations, args.eval_every, args.test_size, stop_sets=args.stop_sets)

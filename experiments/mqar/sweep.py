@@ -19,15 +19,15 @@ learning rates, as in zoology. Recurrent state per sequence: attention 2 * layer
 (its KV cache); linear recurrences layers * heads * d_k * d_v, twice that for metaplastic models (mean and
 importance states), unless the model reports `recurrent_state_size()` itself.
 
-The default grid is sized for this 2-core CPU (about 10 CPU-hours, 5 hours for two processes; eval/results/mqar.json
+The default grid is sized for this 2-core CPU (about 10 CPU-hours, 5 hours for two processes; results/mqar.json
 records what its runs took as `training_seconds_total`): 6 families x d_model {64, 128} x (seq_len, kv pairs) in
 {(128, 16), (256, 32)} x lr {3e-3, 1e-3}, vocab max(256, 2 * seq_len), 16,000 training examples x 4 epochs (1,000
 steps), 1,000 test examples. Zoology and the official Palimpsa sweep train 100,000 examples for 60-64 epochs with
 vocab 8192 on a GPU; the flags reach that grid (add the tasks 128x32 and 256x64).
 
-    python -m amformers.eval.mqar_sweep run &        # resumable (runs/mqar/results.jsonl); start it twice to use
-    python -m amformers.eval.mqar_sweep run &        # two cores: the processes claim cells in runs/mqar/claims/
-    python -m amformers.eval.mqar_sweep summarise    # -> eval/results/mqar.json
+    python -m experiments.mqar.sweep run &        # resumable (runs/mqar/results.jsonl); start it twice to use
+    python -m experiments.mqar.sweep run &        # two cores: the processes claim cells in runs/mqar/claims/
+    python -m experiments.mqar.sweep summarise    # -> experiments/mqar/results/mqar.json
 """
 
 import argparse
@@ -44,13 +44,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import REPO_ROOT, RESULTS_ROOT, git_commit
-from .mqar import mqar, split_seed
+from amformers.eval.results import git_commit
+
+from .. import RUNS_ROOT
+from .task import mqar, split_seed
 
 FAMILIES = ("attention", "attn_values", "palimpsa", "not_palimpsa", "meta_mamba2", "mamba2")
 DEFAULT_TASKS = ((128, 16), (256, 32))  # the CPU grid; the GPU grid adds (128, 32) and (256, 64)
 DEFAULT_LRS = (3e-3, 1e-3)  # in this order: a sweep stopped early has every family and width at 3e-3
-RUNS_DIR = REPO_ROOT / "runs" / "mqar"
+RUNS_DIR = RUNS_ROOT / "mqar"
+RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 256  # the CPU grid; zoology uses 8192
 
 
@@ -301,8 +304,8 @@ def seed_spread(rows: list[dict]) -> list[dict]:
 
 
 def summarise(
-    runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS_ROOT / "mqar.json",
-    command: str = "python -m amformers.eval.mqar_sweep summarise",
+    runs_file: Path = RUNS_DIR / "results.jsonl", out: Path = RESULTS / "mqar.json",
+    command: str = "python -m experiments.mqar.sweep summarise",
 ) -> dict:  # fmt: skip
     runs = [json.loads(line) for line in runs_file.read_text().splitlines()] if runs_file.is_file() else []
     cells: dict[tuple, dict] = {}
@@ -358,15 +361,15 @@ def main(argv=None):
     run.add_argument("--out-dir", type=Path, default=RUNS_DIR)
     summary = commands.add_parser("summarise")
     summary.add_argument("--runs-file", type=Path, default=RUNS_DIR / "results.jsonl")
-    summary.add_argument("--out", type=Path, default=RESULTS_ROOT / "mqar.json")
+    summary.add_argument("--out", type=Path, default=RESULTS / "mqar.json")
     args = parser.parse_args(argv)
     if args.command == "run":
         tasks = [tuple(int(v) for v in t.split("x")) for t in args.tasks]
         run_sweep(args.families, args.d_models, tasks, args.lrs, args.train_examples, args.test_examples, args.epochs,
                   args.batch_size, args.seeds, args.out_dir, args.vocab_size,
-                  "python -m amformers.eval.mqar_sweep " + shlex.join(argv))  # fmt: skip
+                  "python -m experiments.mqar.sweep " + shlex.join(argv))  # fmt: skip
     else:
-        result = summarise(args.runs_file, args.out, "python -m amformers.eval.mqar_sweep " + shlex.join(argv))
+        result = summarise(args.runs_file, args.out, "python -m experiments.mqar.sweep " + shlex.join(argv))
         print(f"{result['runs']} runs, {result['training_seconds_total'] / 3600:.1f} CPU-hours -> {args.out}")
 
 

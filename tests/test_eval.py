@@ -262,7 +262,7 @@ def test_cli_suites_write_json(tiny_model_dir, tmp_path):
 
 def test_results_default_to_the_working_directory_and_data_to_data_dir(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("AMFORMERS_DATA_DIR", raising=False)
+    monkeypatch.setenv("AMFORMERS_DATA_DIR", str(tmp_path / "elsewhere"))  # the flag wins; restored after the test
     data = tmp_path / "data"
     write_blimp(data / "blimp")
     eval_main(["blimp", "--model", str(tiny_model_dir), "--data-dir", str(data)])

@@ -1,6 +1,6 @@
 """bAbI QA (Weston et al. 2015), zero-shot: answer accuracy on the test set of each of the 20 tasks.
 
-Reads `qaN_*_test.txt` from `../shared/data/babi/en-10k/` (relative to the project root) or `--data`. A question's
+Reads `qaN_*_test.txt` from `<data dir>/babi/en-10k/` (amformers.corpus.data_dir) or `--babi-data`. A question's
 context is every statement of its story before it (questions are left out), then the question:
 
     "<statement> <statement> ...\\nQuestion: <question>\\nAnswer:"
@@ -18,16 +18,22 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .common import DATA_ROOT, format_table, load_model, results_path, score_continuations, write_results
+from ..corpus import data_dir
+from .common import load_model, save_result, score_continuations
+from .results import format_table
 
-DEFAULT_DIR = DATA_ROOT / "babi" / "en-10k"
 PROMPT = "{story}\nQuestion: {question}\nAnswer:"
 
 
-def task_files(data_dir: str | Path = DEFAULT_DIR) -> dict[int, Path]:
+def default_dir() -> Path:
+    """bAbI en-10k in the data folder."""
+    return data_dir() / "babi" / "en-10k"
+
+
+def task_files(folder: str | Path) -> dict[int, Path]:
     """{task number: test file}, for the files present."""
     files = {}
-    for path in Path(data_dir).glob("qa*_test.txt"):
+    for path in Path(folder).glob("qa*_test.txt"):
         match = re.match(r"qa(\d+)_", path.name)
         if match:
             files[int(match.group(1))] = path
@@ -75,9 +81,9 @@ def evaluate_task(model, tokenizer, questions: list[dict], candidates: list[str]
     }
 
 
-def evaluate(model, tokenizer, data_dir=DEFAULT_DIR, limit: int | None = None, tasks=None, batch_size=16) -> dict:
+def evaluate(model, tokenizer, folder, limit: int | None = None, tasks=None, batch_size=16) -> dict:
     per_task = {}
-    for number, path in task_files(data_dir).items():
+    for number, path in task_files(folder).items():
         if tasks and number not in tasks:
             continue
         questions = parse_task(path)
@@ -97,21 +103,22 @@ def evaluate(model, tokenizer, data_dir=DEFAULT_DIR, limit: int | None = None, t
 
 def main(args) -> dict | None:
     started = time.time()
-    if not task_files(args.babi_data):
-        print(f"bAbI test files not found in {args.babi_data}: skipping.")
+    folder = args.babi_data or default_dir()
+    if not task_files(folder):
+        print(f"bAbI test files not found in {folder}: skipping.")
         return None
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    result = evaluate(model, tokenizer, args.babi_data, args.limit, args.babi_tasks, args.batch_size)
+    result = evaluate(model, tokenizer, folder, args.limit, args.babi_tasks, args.batch_size)
     rows = [{"task": k, **v} for k, v in result["per_task"].items()]
     rows.append({"task": "MEAN", "accuracy": result["mean_accuracy"], "chance": result["mean_chance"]})
     print(format_table(rows, ["task", "n", "accuracy", "chance", "num_candidates"]))
-    config = {"data": str(Path(args.babi_data).resolve()), "limit_per_task": args.limit, "prompt": PROMPT}
-    path = results_path(args.model, "babi", args.results_dir, args.name)
-    write_results(path, "babi", args.model, {"config": config, **result}, model, started, command=args.command)
-    print(f"wrote {path}")
+    settings = {"data": str(Path(folder).resolve()), "limit_per_task": args.limit, "prompt": PROMPT}
+    metrics = {"babi_mean_accuracy": result["mean_accuracy"], "babi_mean_chance": result["mean_chance"]}
+    tables = {"tasks": [{"task": k, **v} for k, v in result["per_task"].items()]}
+    save_result(args, "babi", settings=settings, metrics=metrics, tables=tables, model=model, started=started)
     return result
 
 
 def add_arguments(parser):
-    parser.add_argument("--babi-data", default=str(DEFAULT_DIR), help="folder with the qaN_*_test.txt files")
+    parser.add_argument("--babi-data", help="folder with the qaN_*_test.txt files (default: <data dir>/babi/en-10k)")
     parser.add_argument("--babi-tasks", type=int, nargs="*", help="task numbers (default: all 20)")

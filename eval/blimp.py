@@ -13,19 +13,19 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from .common import DATA_ROOT, format_table, load_model, results_path, score_continuations, write_results
-
-DEFAULT_DIR = DATA_ROOT / "blimp"
-
-
-def paradigm_files(data_dir: str | Path = DEFAULT_DIR) -> list[Path]:
-    return sorted(Path(data_dir).glob("*.jsonl"))
+from ..corpus import data_dir
+from .common import load_model, save_result, score_continuations
+from .results import format_table
 
 
-def load_pairs(data_dir: str | Path = DEFAULT_DIR, limit: int | None = None, paradigms=None) -> list[dict]:
+def paradigm_files(folder: str | Path) -> list[Path]:
+    return sorted(Path(folder).glob("*.jsonl"))
+
+
+def load_pairs(folder: str | Path, limit: int | None = None, paradigms=None) -> list[dict]:
     """Minimal pairs from every paradigm file, `limit` per paradigm."""
     pairs = []
-    for path in paradigm_files(data_dir):
+    for path in paradigm_files(folder):
         if paradigms and path.stem not in paradigms:
             continue
         with path.open(encoding="utf-8") as handle:
@@ -66,23 +66,42 @@ def evaluate(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> dict:
 
 def main(args) -> dict | None:
     started = time.time()
-    if not paradigm_files(args.blimp_data):
-        print(f"BLiMP data not found in {args.blimp_data}: skipping.", file=sys.stderr)
+    folder = args.blimp_data or data_dir() / "blimp"
+    if not paradigm_files(folder):
+        print(f"BLiMP data not found in {folder}: skipping.", file=sys.stderr)
         return None
     model, tokenizer = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    pairs = load_pairs(args.blimp_data, args.limit)
+    pairs = load_pairs(folder, args.limit)
     result = evaluate(model, tokenizer, pairs, args.batch_size)
     rows = [{"phenomenon": "ALL", "accuracy": result["accuracy"]}] + [
         {"phenomenon": k, "accuracy": v} for k, v in result["per_phenomenon"].items()
     ]
     print(format_table(rows))
     print(format_table([{"paradigm": k, "accuracy": v} for k, v in result["per_paradigm"].items()]))
-    config = {"data": str(Path(args.blimp_data).resolve()), "limit_per_paradigm": args.limit}
-    path = results_path(args.model, "blimp", args.results_dir, args.name)
-    write_results(path, "blimp", args.model, {"config": config, **result}, model, started, command=args.command)
-    print(f"wrote {path}")
+    settings = {"data": str(Path(folder).resolve()), "limit_per_paradigm": args.limit}
+    save_result(
+        args, "blimp", settings=settings, metrics=headline_metrics(result), tables=result_tables(result), model=model,
+        started=started,
+    )  # fmt: skip
     return result
 
 
+def headline_metrics(result: dict) -> dict:
+    return {
+        "blimp_accuracy": result["accuracy"],
+        "blimp_paradigm_mean_accuracy": result["paradigm_mean_accuracy"],
+        "blimp_pairs": result["n"],
+    }
+
+
+def result_tables(result: dict) -> dict:
+    """Accuracy per phenomenon, per field and per paradigm."""
+    return {
+        "phenomena": [{"phenomenon": k, "accuracy": v} for k, v in result["per_phenomenon"].items()],
+        "fields": [{"field": k, "accuracy": v} for k, v in result["per_field"].items()],
+        "paradigms": [{"paradigm": k, "accuracy": v} for k, v in result["per_paradigm"].items()],
+    }
+
+
 def add_arguments(parser):
-    parser.add_argument("--blimp-data", default=str(DEFAULT_DIR), help="folder of BLiMP *.jsonl files")
+    parser.add_argument("--blimp-data", help="folder of BLiMP *.jsonl files (default: <data dir>/blimp)")

@@ -1,6 +1,6 @@
 """Build the data files of the lm-eval tasks in eval/tasks/data/ (deterministic; rerun after changing a builder).
 
-    python -m amformers.eval.build_tasks
+    python -m amformers.eval.build_tasks      # from the repository root: writes eval/tasks/data/ of the checkout
 
 - ioi.jsonl: the 8 official IOI prompts and Wang et al.'s 15 templates x {BABA, ABBA} with TinyStories names
   (10 fillings each), fields prompt / io / s / set / template / order.
@@ -17,7 +17,7 @@ from pathlib import Path
 from .ioi import official_prompts, wang_prompts
 from .perplexity import TINYSTORIES_VALID, read_stories
 
-TASK_DATA = Path(__file__).resolve().parent / "tasks" / "data"
+SOURCE_TASK_DATA = Path("eval") / "tasks" / "data"  # in the checkout, relative to the repository root
 _LAST_WORD = re.compile(r"^(?P<head>.*\S)\s+(?P<word>[A-Za-z]+)(?P<tail>[^A-Za-z\s]*)$", flags=re.DOTALL)
 
 
@@ -44,7 +44,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def build(out_dir: Path = TASK_DATA, tinystories: Path = TINYSTORIES_VALID) -> dict[str, int]:
+def build(out_dir: Path, tinystories: Path = TINYSTORIES_VALID) -> dict[str, int]:
     ioi = official_prompts() + wang_prompts("tinystories", per_template=10, seed=0)
     write_jsonl(out_dir / "ioi.jsonl", ioi)
     counts = {"ioi.jsonl": len(ioi)}
@@ -59,9 +59,13 @@ def build(out_dir: Path = TASK_DATA, tinystories: Path = TINYSTORIES_VALID) -> d
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=TASK_DATA)
+    parser.add_argument(
+        "--out", type=Path, default=SOURCE_TASK_DATA, help="default: eval/tasks/data (run from the root)"
+    )
     parser.add_argument("--tinystories", type=Path, default=TINYSTORIES_VALID)
     args = parser.parse_args(argv)
+    if not args.out.parent.is_dir():
+        parser.error(f"{args.out.parent} does not exist: run from the repository root or pass --out.")
     for name, count in build(args.out, args.tinystories).items():
         print(f"{args.out / name}: {count} items")
 

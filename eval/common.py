@@ -1,4 +1,4 @@
-"""Shared pieces of the language-model evaluations: loading a saved model, scoring text, writing results.
+"""Shared pieces of the language-model evaluations: loading a saved model, scoring text, saving a suite's result.
 
 Scoring follows lm-eval's conventions so our suites and the lm-eval tasks agree: a continuation is
 scored by the summed log-probability of its tokens given the context, trailing spaces of the context
@@ -8,23 +8,20 @@ on documents separated by that token: it is the "start of a story" state, and it
 of a sentence be scored.
 """
 
-import json
-import math
-import platform
 import shlex
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..corpus import data_dir
 from ..model_folder import require_model_folder
+from .results import provenance, result_path, write_result
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_ROOT = REPO_ROOT.parent / "shared" / "data"  # ../shared/data relative to the project root
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+# The data folder as the process started (`python -m amformers.eval --data-dir` sets AMFORMERS_DATA_DIR before the
+# suites are imported). Only perplexity.py's data part reads it; the suites call `data_dir()` when they run.
+DATA_ROOT = data_dir()
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -154,16 +151,6 @@ def run_command() -> str:
     return shlex.join(argv)
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def model_summary(model) -> dict:
     config = model.config
     return {
@@ -178,50 +165,16 @@ def model_summary(model) -> dict:
     }
 
 
-def results_path(model_dir: str | Path, suite: str, results_dir: str | Path | None = None, name: str | None = None):
-    """eval/results/<model name>/<suite>.json unless `results_dir` says otherwise."""
-    base = Path(results_dir) if results_dir is not None else RESULTS_ROOT
-    return base / (name or Path(model_dir).resolve().name) / f"{suite}.json"
-
-
-def write_results(
-    path: Path, suite: str, model_dir, payload: dict, model=None, started: float | None = None, command=None
-) -> Path:
-    record = {
-        "suite": suite,
-        "model_dir": str(Path(model_dir).resolve()),
-        "command": command or run_command(),
-        "git_commit": git_commit(),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": None if started is None else round(time.time() - started, 2),
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        **({"model": model_summary(model)} if model is not None else {}),
-        **payload,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n", encoding="utf-8")
+def save_result(args, suite: str, *, settings: dict, metrics: dict, tables: dict, model=None, started=None) -> Path:
+    """Write a suite's result for the model of `args` (--model, --name, --results-dir) and say where it went."""
+    name = args.name or Path(args.model).resolve().name
+    summary = model_summary(model) if model is not None else None
+    if summary is not None:
+        metrics = {"parameters": summary["num_parameters"], **metrics}
+    path = write_result(
+        result_path(name, suite, args.results_dir), model=name, suite=suite,
+        command=getattr(args, "command", None) or run_command(), settings=settings, metrics=metrics, tables=tables,
+        provenance=provenance(args.model, started, summary),
+    )  # fmt: skip
+    print(f"wrote {path}")
     return path
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"Cannot write {type(value).__name__} to JSON.")
-
-
-def format_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".4f") -> str:
-    """A GitHub-markdown table of `rows` (dicts), used for printing and for the report."""
-    if not rows:
-        return "(no rows)"
-    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
-
-    def cell(value):
-        if isinstance(value, float):
-            return format(value, floatfmt)
-        return "" if value is None else str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)

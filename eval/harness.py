@@ -9,23 +9,28 @@ Tasks: amformers_ioi (acc = IOI accuracy), amformers_blimp (acc over all 67 para
 amformers_tinystories_cloze (last-word cloze: acc and perplexity). `--limit` caps examples per task.
 """
 
-import os
 import time
-from pathlib import Path
+from importlib.resources import as_file, files
 
-from .common import DATA_ROOT, format_table, load_model, results_path, write_results
+from .common import load_model, save_result
+from .results import METRICS, format_table, lm_eval_metric_name
+from .tasks.task_data import blimp_dir
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = ["amformers_ioi", "amformers_tinystories_cloze", "amformers_blimp"]
 
 
 def available_tasks(tasks: list[str]) -> list[str]:
     """Drop amformers_blimp when the BLiMP data is absent (so the suite skips it cleanly)."""
-    blimp = Path(os.environ.get("AMFORMERS_BLIMP_DIR", DATA_ROOT / "blimp"))  # as tasks/task_data.py
+    blimp = blimp_dir()
     if "amformers_blimp" in tasks and not any(blimp.glob("*.jsonl")):
         print(f"BLiMP data not found in {blimp}: skipping amformers_blimp.")
         return [t for t in tasks if t != "amformers_blimp"]
     return tasks
+
+
+def tasks_dir():
+    """The folder of the task YAMLs, package data of amformers.eval (a context manager giving a real path)."""
+    return as_file(files("amformers.eval") / "tasks")
 
 
 def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
@@ -41,15 +46,16 @@ def run_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batc
         batch_size=batch_size,
         max_length=int(getattr(model.config, "max_position_embeddings", 2048)),
     )
-    output = simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        task_manager=TaskManager(include_path=str(TASKS_DIR)),
-        limit=limit,
-        num_fewshot=0,
-        log_samples=False,
-        bootstrap_iters=0,
-    )
+    with tasks_dir() as include_path:
+        output = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=TaskManager(include_path=str(include_path)),
+            limit=limit,
+            num_fewshot=0,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
     return {
         task: {k: v for k, v in metrics.items() if k != "alias" and not isinstance(v, str)}
         for task, metrics in output["results"].items()
@@ -63,13 +69,29 @@ def main(args) -> dict:
     results = run_tasks(model, tokenizer, tasks, args.limit, args.batch_size)
     rows = [{"task": t, **{k.replace(",none", ""): v for k, v in m.items()}} for t, m in results.items()]
     print(format_table(rows))
-    config = {"tasks": tasks, "limit": args.limit, "include_path": str(TASKS_DIR), "lm_eval": _lm_eval_version()}
-    path = results_path(args.model, "lm-eval", args.results_dir, args.name)
-    write_results(
-        path, "lm-eval", args.model, {"config": config, "results": results}, model, started, command=args.command
-    )
-    print(f"wrote {path}")
+    with tasks_dir() as include_path:
+        settings = {
+            "tasks": tasks,
+            "limit": args.limit,
+            "include_path": str(include_path),
+            "lm_eval": _lm_eval_version(),
+        }
+    save_result(
+        args, "lm-eval", settings=settings, metrics=headline_metrics(results), tables={"tasks": rows}, model=model,
+        started=started,
+    )  # fmt: skip
     return results
+
+
+def headline_metrics(results: dict) -> dict:
+    """The declared metrics among lm-eval's {task: {"metric,filter": value}} (stderr and counts stay in the table)."""
+    metrics = {}
+    for task, values in results.items():
+        for metric, value in values.items():
+            name = lm_eval_metric_name(task, metric)
+            if name in METRICS and "," in metric:
+                metrics[name] = value
+    return metrics
 
 
 def _lm_eval_version() -> str:

@@ -16,7 +16,8 @@ import random
 import statistics
 import time
 
-from .common import format_table, load_model, results_path, score_continuations, write_results
+from .common import load_model, save_result, score_continuations
+from .results import IOI_HEADLINE_SET, format_table
 
 # Burns et al. small-LM/IOI_task.py, as (template, IO, S) in the file's order: "After John and Mary went to the
 # store, John gave a bottle of milk to" -> " Mary". The "swapped" order exchanges the names everywhere.
@@ -247,11 +248,34 @@ def main(args) -> dict:
     result = evaluate(model, tokenizer, args.per_template, args.seed, args.limit, args.batch_size)
     rows = [{"set": k, **v} for k, v in {**result["summary"], **result["by_order"]}.items()]
     print(format_table(rows, ["set", "n", "accuracy", "mean_p_io", "mean_p_s", "mean_logit_diff"]))
-    config = {"per_template": args.per_template, "seed": args.seed, "limit": args.limit}
-    path = results_path(args.model, "ioi", args.results_dir, args.name)
-    write_results(path, "ioi", args.model, {"config": config, **result}, model, started, command=args.command)
-    print(f"wrote {path}")
+    settings = {"per_template": args.per_template, "seed": args.seed, "limit": args.limit}
+    save_result(
+        args, "ioi", settings=settings, metrics=headline_metrics(result), tables=result_tables(result), model=model,
+        started=started,
+    )  # fmt: skip
     return result
+
+
+def headline_metrics(result: dict) -> dict:
+    """The declared IOI metrics of an `evaluate` result (the headline set and the official prompts)."""
+    summary = result["summary"]
+    metrics = {}
+    if IOI_HEADLINE_SET in summary:
+        metrics["ioi_accuracy"] = summary[IOI_HEADLINE_SET]["accuracy"]
+        metrics["ioi_mean_logit_diff"] = summary[IOI_HEADLINE_SET]["mean_logit_diff"]
+    if "official" in summary:
+        metrics["ioi_official_accuracy"] = summary["official"]["accuracy"]
+        metrics["ioi_official_mean_p_io"] = summary["official"]["mean_p_io"]
+    return metrics
+
+
+def result_tables(result: dict) -> dict:
+    """sets (one row per prompt set), by_order (per set and name order) and prompts (every scored prompt)."""
+    return {
+        "sets": [{"set": name, **values} for name, values in result["summary"].items()],
+        "by_order": [{"set": name, **values} for name, values in result["by_order"].items()],
+        "prompts": [{"set": name, **row} for name, rows in result["prompts"].items() for row in rows],
+    }
 
 
 def add_arguments(parser):

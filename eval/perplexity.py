@@ -20,7 +20,8 @@ import math
 import time
 from pathlib import Path
 
-from .common import DATA_ROOT, document_nll, format_table, load_model, results_path, write_results
+from .common import DATA_ROOT, document_nll, load_model, save_result
+from .results import format_table
 
 TINYSTORIES_VALID = DATA_ROOT / "tinystories" / "valid.txt"
 SEPARATOR = "<|endoftext|>"
@@ -106,12 +107,24 @@ def main(args) -> dict:
         "max_length": args.max_length,
         "stride": args.stride,
     }
-    path = results_path(args.model, "perplexity", args.results_dir, args.name)
-    write_results(
-        path, "perplexity", args.model, {"config": config, "sources": results}, model, started, command=args.command
-    )
-    print(f"wrote {path}")
+    save_result(
+        args, "perplexity", settings=config, metrics=headline_metrics(results),
+        tables={"sources": [{"source": name, **values} for name, values in results.items()]}, model=model,
+        started=started,
+    )  # fmt: skip
     return results
+
+
+def headline_metrics(results: dict) -> dict:
+    """The declared perplexity metrics of the TinyStories and held-out book sources (other books: table only)."""
+    metrics = {}
+    if "tinystories-valid" in results:
+        metrics["tinystories_valid_perplexity"] = results["tinystories-valid"]["perplexity"]
+        metrics["tinystories_valid_bits_per_byte"] = results["tinystories-valid"]["bits_per_byte"]
+    if "pd-stories-holdout" in results:
+        metrics["heldout_books_perplexity"] = results["pd-stories-holdout"]["perplexity"]
+        metrics["heldout_books_bits_per_byte"] = results["pd-stories-holdout"]["bits_per_byte"]
+    return metrics
 
 
 def add_arguments(parser):

@@ -10,8 +10,9 @@ import time
 
 import torch
 
-from .common import encode, format_table, load_model, prefix_token_id, results_path, write_results
+from .common import encode, load_model, prefix_token_id, save_result
 from .perplexity import TINYSTORIES_VALID, read_stories
+from .results import format_table
 
 FALLBACK_TEXTS = [
     "Once upon a time, there was a little girl named Lily. She liked to play in the park with her dog.",
@@ -96,9 +97,13 @@ def main_precision(args) -> dict:
     result["tolerance"] = args.tolerance
     result["passed"] = result["relative_loss_difference"] < args.tolerance
     print(format_table([result]))
-    path = results_path(args.model, "precision", args.results_dir, args.name)
-    write_results(path, "precision", args.model, {"result": result}, model, started, command=args.command)
-    print(f"wrote {path}")
+    metrics = {
+        "precision_relative_loss_difference": result["relative_loss_difference"],
+        "precision_top1_agreement": result["top1_agreement"],
+    }
+    settings = {"tolerance": args.tolerance, "max_texts": args.limit or 8}
+    tables = {"comparison": [result]}
+    save_result(args, "precision", settings=settings, metrics=metrics, tables=tables, model=model, started=started)
     return result
 
 
@@ -108,12 +113,9 @@ def main_generate(args) -> list[dict]:
     samples = generate_samples(model, tokenizer, max_new_tokens=args.max_new_tokens, seed=args.sample_seed)
     for sample in samples:
         print(f"--- {sample['prompt']!r}\n[greedy] {sample['greedy']}\n[sampled] {sample['sampled_top_k50_t0.8']}")
-    config = {"max_new_tokens": args.max_new_tokens, "seed": args.sample_seed}
-    path = results_path(args.model, "generate", args.results_dir, args.name)
-    write_results(
-        path, "generate", args.model, {"config": config, "samples": samples}, model, started, command=args.command
-    )
-    print(f"wrote {path}")
+    settings = {"max_new_tokens": args.max_new_tokens, "seed": args.sample_seed}
+    tables = {"samples": samples}
+    save_result(args, "generate", settings=settings, metrics={}, tables=tables, model=model, started=started)
     return samples
 
 

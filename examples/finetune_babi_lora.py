@@ -13,7 +13,7 @@ Prompts and scoring are those of the zero-shot bAbI suite (`amformers.eval.babi`
 with the answer chosen as the highest-likelihood one among the task's candidate answers (6 rooms for task 1,
 so chance is 1/6). Training uses the same token sequence, BOS + prompt + answer + EOS, with the loss on the
 answer and EOS tokens only. The adapter is saved to `--output-dir` (default runs/babi_lora/<model name>) and the
-numbers to `--results` (default eval/results/<model name>/babi_lora.json).
+numbers to `--results` (default ./eval_results/<model name>/babi_lora.json, in the amformers.eval.results schema).
 
 bAbI's training split is used here only to fine-tune a copy of the model for this example; the pretraining
 data never contains bAbI, so the zero-shot bAbI suite stays zero-shot.
@@ -26,17 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from amformers.eval.babi import DEFAULT_DIR, PROMPT, evaluate_task, parse_task, prompt_for, task_files
-from amformers.eval.common import (
-    REPO_ROOT,
-    encode_pair,
-    load_model,
-    model_summary,
-    prefix_token_id,
-    results_path,
-    run_command,
-    write_results,
-)
+from amformers.eval.babi import PROMPT, default_dir, evaluate_task, parse_task, prompt_for, task_files
+from amformers.eval.common import encode_pair, load_model, model_summary, prefix_token_id, run_command
+from amformers.eval.results import provenance, result_path, write_result
 from amformers.model_folder import ModelFolderError
 
 DEFAULT_BLOCK_SIZE = 256  # the block size every 8M config is pretrained with (train/configs/*-8m.yaml)
@@ -89,7 +81,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--model", required=True, help="saved model folder (config.json, weights, tokenizer)")
     parser.add_argument("--task", type=int, default=1, help="bAbI task number (default 1: single supporting fact)")
-    parser.add_argument("--data", default=str(DEFAULT_DIR), help="folder with the bAbI en-10k qaN_*_{train,test}.txt")
+    parser.add_argument(
+        "--data", help="folder with the bAbI en-10k qaN_*_{train,test}.txt (default: <data dir>/babi/en-10k)"
+    )
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (linear decay, 5%% warmup)")
     parser.add_argument("--lora-r", type=int, default=8)
@@ -110,7 +104,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", help="where the adapter is saved (default: runs/babi_lora/<model name>)")
-    parser.add_argument("--results", help="results JSON (default: eval/results/<model name>/babi_lora.json)")
+    parser.add_argument("--results", help="results JSON (default: eval_results/<model name>/babi_lora.json)")
     parser.add_argument("--trust-remote-code", action="store_true", help="load a folder without the package installed")
     args = parser.parse_args(argv)
     for name in ("epochs", "lr", "lora_r", "batch_size", "eval_batch_size"):
@@ -129,7 +123,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     command = run_command() if argv is None else shlex.join(["python", "examples/finetune_babi_lora.py", *argv])
     started = time.time()
-    train_file, test_file = task_split_files(args.data, args.task)
+    train_file, test_file = task_split_files(args.data or default_dir(), args.task)
     train_questions = parse_task(train_file)[: args.limit_train]
     all_test_questions = parse_task(test_file)
     candidates = sorted({q["answer"] for q in all_test_questions})  # from the whole file, as the zero-shot suite
@@ -169,7 +163,7 @@ def main(argv=None) -> dict:
     adapted_modules = sorted(model.peft_config["default"].target_modules)
 
     train_examples = [training_example(tokenizer, q, max_length) for q in train_questions]
-    output_dir = Path(args.output_dir) if args.output_dir else REPO_ROOT / "runs" / "babi_lora" / model_name
+    output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / "babi_lora" / model_name
     steps_per_epoch = -(-len(train_examples) // args.batch_size)
     training_args = TrainingArguments(
         output_dir=str(output_dir),
@@ -210,8 +204,7 @@ def main(argv=None) -> dict:
     eval_seconds_after = time.time() - t0
     print(f"accuracy after:  {after['accuracy']:.4f} (chance {after['chance']:.4f})")
 
-    payload = {
-        "model": base_summary,
+    settings = {
         "task": args.task,
         "train_file": str(train_file.resolve()),
         "test_file": str(test_file.resolve()),
@@ -220,19 +213,22 @@ def main(argv=None) -> dict:
         "max_length": max_length,
         "prompt": PROMPT,
         "candidates": candidates,
+        "num_candidates": before["num_candidates"],
         "lora": {
             "r": args.lora_r,
             "lora_alpha": args.lora_alpha,
             "lora_dropout": args.lora_dropout,
             "target_modules": adapted_modules,
         },
-        "trainable_parameters": trainable,
-        "total_parameters": total,
         "epochs": args.epochs,
         "learning_rate": args.lr,
         "batch_size": args.batch_size,
         "seed": args.seed,
+    }
+    training = {
         "steps": train_output.global_step,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
         "train_seconds": round(train_seconds, 2),
         "seconds_per_train_example": round(train_seconds / (len(train_examples) * args.epochs), 4),
         "eval_seconds_before": round(eval_seconds, 2),
@@ -240,17 +236,22 @@ def main(argv=None) -> dict:
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
         "train_loss_mean": statistics.fmean(losses),
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "chance": before["chance"],
-        "num_candidates": before["num_candidates"],
-        "adapter_dir": str(output_dir.resolve()),
-        "device": str(training_args.device),
     }
-    path = Path(args.results) if args.results else results_path(args.model, "babi_lora")
-    write_results(path, "babi_lora", args.model, payload, started=started, command=command)
+    metrics = {
+        "parameters": base_summary["num_parameters"],
+        "babi_lora_accuracy_before": before["accuracy"],
+        "babi_lora_accuracy_after": after["accuracy"],
+        "babi_lora_chance": before["chance"],
+    }
+    path = Path(args.results) if args.results else result_path(model_name, "babi_lora")
+    write_result(
+        path, model=model_name, suite="babi_lora", command=command, settings=settings, metrics=metrics,
+        tables={"training": [training]},
+        provenance=provenance(args.model, started, base_summary, adapter_dir=str(output_dir.resolve()),
+                              device=str(training_args.device)),
+    )  # fmt: skip
     print(f"wrote {path}")
-    return payload
+    return {**settings, **training, **metrics}
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 
 Every model loads through `AutoModelForCausalLM.from_pretrained` from `checkpoints/<name>/`, exactly as a user loads
 it from a folder or the Hub. The table is read from each checkpoint's `eval_results.json` and
-`training_summary.json`, written by `python -m amformers.eval.report --cards checkpoints/` and
-`python -m amformers.train.ship` from the JSON results of the evaluation suite.
+`training_summary.json`, written by `python -m amformers.model_card --results experiments/model_eval/results
+--checkpoints checkpoints/` and `python -m amformers.train.ship` from the JSON results of the evaluation suite.
 """
 
 import argparse
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import amformers  # noqa: F401  (registers the model families with the Auto classes)
-from amformers.eval.common import format_table
+from amformers.eval.results import format_table
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 ORDER = ("attn_stream-8m", "attn_stream-baseline-8m", "palimpsa-8m", "notpalimpsa-8m")
@@ -79,7 +79,10 @@ def main():
         print(f"== {folder.name}: {type(model).__name__}, {parameters:,} parameters, {seconds:.1f} s")
         print(story.strip(), end="\n\n")
         rows.append(table_row(folder))
-    print("Evaluation (eval_results.json of each checkpoint; how each number was made: eval/results/<name>/):\n")
+    print(
+        "Evaluation (eval_results.json of each checkpoint; how each number was made: "
+        "experiments/model_eval/results/<name>/):\n"
+    )
     headers = [h for h in rows[0] if any(row[h] for row in rows)]  # drop suites no checkpoint has run
     print(format_table([{h: row[h] for h in headers} for row in rows]))
 

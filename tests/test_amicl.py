@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from amformers.eval.amicl import simulate
+from experiments.amicl.run import simulate
 
 
 def test_amicl_accuracy_rises_with_the_mixing_amplitude():

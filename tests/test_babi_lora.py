@@ -1,7 +1,6 @@
 """examples/finetune_babi_lora.py end to end on tiny random models of both families, on the real bAbI task 1 files."""
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -9,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import amformers
-from amformers.eval.babi import DEFAULT_DIR, evaluate_task, parse_task
+from amformers.eval.babi import default_dir, evaluate_task, parse_task
 from amformers.eval.common import encode_pair, load_model
+from amformers.eval.results import read_result
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "finetune_babi_lora.py"
 spec = importlib.util.spec_from_file_location("finetune_babi_lora", SCRIPT)
@@ -45,10 +45,8 @@ TINY_CONFIGS = {
     ),
 }
 MODEL_CLASSES = {"attn_stream": amformers.AttnStreamForCausalLM, "palimpsa": amformers.PalimpsaForCausalLM}
-REQUIRED_FIELDS = {
-    "command", "model", "task", "num_train", "num_test", "lora", "trainable_parameters", "total_parameters",
-    "epochs", "train_seconds", "accuracy_before", "accuracy_after", "chance", "num_candidates", "adapter_dir",
-}  # fmt: skip
+REQUIRED_SETTINGS = {"task", "num_train", "num_test", "lora", "epochs", "num_candidates", "max_length", "prompt"}
+REQUIRED_TRAINING = {"steps", "trainable_parameters", "total_parameters", "train_seconds", "train_loss_first"}
 
 
 @pytest.fixture
@@ -68,7 +66,7 @@ def save_tiny_model(family, folder, tokenizer) -> Path:
 
 
 def test_training_example_scores_only_the_answer_and_keeps_the_question(tiny_tokenizer):
-    question = parse_task(finetune.task_split_files(DEFAULT_DIR, 1)[0])[4]  # a story of 10 statements
+    question = parse_task(finetune.task_split_files(default_dir(), 1)[0])[4]  # a story of 10 statements
     full = finetune.training_example(tiny_tokenizer, question, max_length=10_000)
     cut = finetune.training_example(tiny_tokenizer, question, max_length=40)
     _, answer_ids = encode_pair(tiny_tokenizer, finetune.prompt_for(question), " " + question["answer"])
@@ -95,32 +93,35 @@ def test_finetune_babi_lora_end_to_end(family, max_length, tmp_path, tiny_tokeni
         argv += ["--max-length", str(max_length)]
     finetune.main(argv)
 
-    record = json.loads(results.read_text())
-    assert record.keys() >= REQUIRED_FIELDS
-    assert record["suite"] == "babi_lora" and record["model"]["model_type"] == family
-    assert (record["task"], record["num_train"], record["num_test"], record["num_candidates"]) == (1, 8, 8, 6)
-    assert record["chance"] == pytest.approx(1 / 6) and record["steps"] == 4
-    assert record["max_length"] == (max_length or 96)
+    record = read_result(results)  # the amformers.eval.results schema
+    settings, metrics, (training,) = record["settings"], record["metrics"], record["tables"]["training"]
+    assert settings.keys() >= REQUIRED_SETTINGS and training.keys() >= REQUIRED_TRAINING
+    assert (record["suite"], record["model"]) == ("babi_lora", model_dir.name)
+    assert record["provenance"]["model_summary"]["model_type"] == family
+    assert record["provenance"]["adapter_dir"] == str(adapter_dir.resolve())
+    assert (settings["task"], settings["num_train"], settings["num_test"], settings["num_candidates"]) == (1, 8, 8, 6)
+    assert metrics["babi_lora_chance"] == pytest.approx(1 / 6) and training["steps"] == 4
+    assert settings["max_length"] == (max_length or 96)
     assert record["command"].startswith("python examples/finetune_babi_lora.py --model")
-    assert record["train_loss_last"] < record["train_loss_first"]
+    assert training["train_loss_last"] < training["train_loss_first"]
 
     # Only the adapter is saved and only LoRA weights were trained; lora_B starts at zero, so nonzero means it learnt.
     adapter = load_file(adapter_dir / "adapter_model.safetensors")
     assert sorted(p.name for p in adapter_dir.iterdir()) == ["README.md", "adapter_config.json",
                                                              "adapter_model.safetensors"]  # fmt: skip
     assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
-    assert sum(t.numel() for t in adapter.values()) == record["trainable_parameters"]
+    assert sum(t.numel() for t in adapter.values()) == training["trainable_parameters"]
     assert all(t.abs().max() > 0 for k, t in adapter.items() if ".lora_B." in k)
 
     # The saved adapter reproduces the reported accuracy, and merging it into the weights changes nothing.
     from peft import PeftModel
 
     base, tokenizer = load_model(model_dir)
-    test_questions = parse_task(finetune.task_split_files(DEFAULT_DIR, 1)[1])
+    test_questions = parse_task(finetune.task_split_files(default_dir(), 1)[1])
     candidates = sorted({q["answer"] for q in test_questions})
     peft_model = PeftModel.from_pretrained(base, adapter_dir).eval()
     unmerged = evaluate_task(peft_model, tokenizer, test_questions[:8], candidates)
-    assert unmerged["accuracy"] == record["accuracy_after"]
+    assert unmerged["accuracy"] == metrics["babi_lora_accuracy_after"]
     ids = torch.tensor([tokenizer(finetune.prompt_for(test_questions[0]))["input_ids"][:60]])
     with torch.no_grad():
         adapted_logits = peft_model(input_ids=ids).logits

@@ -16,7 +16,8 @@ import torch
 from amformers import AttnStreamConfig, AttnStreamForCausalLM
 from amformers.eval import babi, blimp, build_tasks, harness, ioi, perplexity
 from amformers.eval.__main__ import main as eval_main
-from amformers.eval.common import document_nll, encode, prefix_token_id, score_continuations, write_results
+from amformers.eval.common import document_nll, encode, prefix_token_id, score_continuations
+from amformers.eval.results import FIELDS, METRICS, read_result, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,16 +238,64 @@ def test_cli_suites_write_json(tiny_model_dir, tmp_path):
     eval_main(["precision", *common, "--limit", "2"])
     eval_main(["generate", *common, "--max-new-tokens", "4"])
     res = tmp_path / "res" / "tiny"
-    ioi_json = json.loads((res / "ioi.json").read_text())
+    for suite in ("ioi", "perplexity", "precision", "generate"):  # every suite writes the one schema
+        record = read_result(res / f"{suite}.json")
+        assert tuple(record) == FIELDS and (record["model"], record["suite"]) == ("tiny", suite)
+        assert record["provenance"]["model_dir"] == str(tiny_model_dir.resolve())
+        assert record["metrics"]["parameters"] == record["provenance"]["model_summary"]["num_parameters"] > 0
+    ioi_json = read_result(res / "ioi.json")
     assert ioi_json["command"].startswith("python -m amformers.eval ioi --model")
-    assert set(ioi_json["summary"]) == {"official", "wang-tinystories", "wang-wang"}
-    assert ioi_json["summary"]["official"]["n"] == 2
-    ppl = json.loads((res / "perplexity.json").read_text())["sources"]
-    assert ppl["tinystories-valid"]["documents"] == 2 and "book:book" in ppl
-    precision = json.loads((res / "precision.json").read_text())["result"]
-    assert precision["passed"] and precision["top1_agreement"] > 0.5
-    samples = json.loads((res / "generate.json").read_text())["samples"]
+    sets = {row["set"]: row for row in ioi_json["tables"]["sets"]}
+    assert set(sets) == {"official", "wang-tinystories", "wang-wang"} and sets["official"]["n"] == 2
+    assert ioi_json["metrics"]["ioi_accuracy"] == sets["wang-tinystories"]["accuracy"]
+    assert ioi_json["settings"] == {"per_template": 1, "seed": 0, "limit": 2}
+    ppl = read_result(res / "perplexity.json")
+    sources = {row["source"]: row for row in ppl["tables"]["sources"]}
+    assert sources["tinystories-valid"]["documents"] == 2 and "book:book" in sources
+    assert ppl["metrics"]["tinystories_valid_perplexity"] == sources["tinystories-valid"]["perplexity"]
+    assert "heldout_books_bits_per_byte" not in ppl["metrics"]  # --no-heldout-books; a --book is a table row only
+    precision = read_result(res / "precision.json")
+    assert precision["tables"]["comparison"][0]["passed"] and precision["metrics"]["precision_top1_agreement"] > 0.5
+    samples = read_result(res / "generate.json")["tables"]["samples"]
     assert len(samples) == 3 and all(s["greedy"] for s in samples)
+
+
+def test_results_default_to_the_working_directory_and_data_to_data_dir(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AMFORMERS_DATA_DIR", str(tmp_path / "elsewhere"))  # the flag wins; restored after the test
+    data = tmp_path / "data"
+    write_blimp(data / "blimp")
+    eval_main(["blimp", "--model", str(tiny_model_dir), "--data-dir", str(data)])
+    record = read_result(tmp_path / "eval_results" / tiny_model_dir.name / "blimp.json")
+    assert record["settings"]["data"] == str((data / "blimp").resolve()) and record["metrics"]["blimp_pairs"] == 3
+    with pytest.raises(SystemExit, match="is not a folder"):
+        eval_main(["blimp", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "missing")])
+
+
+def test_result_schema_rejects_bad_records(tmp_path):
+    good = {
+        "model": "m", "suite": "blimp", "command": "c", "settings": {}, "metrics": {"blimp_accuracy": 0.5},
+        "tables": {"phenomena": [{"phenomenon": "x", "accuracy": 0.5}]}, "provenance": {},
+    }  # fmt: skip
+    path = write_result(tmp_path / "m" / "blimp.json", **good)
+    assert read_result(path)["metrics"] == {"blimp_accuracy": 0.5}
+    for change, message in (
+        ({"metrics": {"blimp_score": 0.5}}, "metric 'blimp_score' is not declared"),
+        ({"metrics": {"blimp_accuracy": "high"}}, "must be a number or null"),
+        ({"metrics": {"blimp_accuracy": True}}, "must be a number or null"),
+        ({"tables": {"phenomena": [1, 2]}}, "table 'phenomena' must be a list of objects"),
+        ({"model": ""}, "model must be a non-empty string"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            write_result(tmp_path / "bad.json", **{**good, **change})
+    assert not (tmp_path / "bad.json").exists()
+    nan = write_result(tmp_path / "nan.json", **{**good, "metrics": {"blimp_accuracy": float("nan")}})
+    assert read_result(nan)["metrics"] == {"blimp_accuracy": None}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"suite": "blimp", "accuracy": 0.5}))
+    with pytest.raises(ValueError, match=r"old.json: schema is None"):
+        read_result(old)
+    assert all(metric.label and metric.description for metric in METRICS.values())
 
 
 def test_a_folder_without_config_json_is_named_plainly(tmp_path, tiny_tokenizer):
@@ -331,44 +380,47 @@ def test_lm_eval_cli_runs_our_tasks_from_any_directory(tiny_model_dir, tmp_path)
 
 
 def test_report_renders_tables_from_results_and_updates_only_the_readme_block(tiny_model_dir, tmp_path):
-    from amformers.eval import amicl, report
+    from experiments.amicl import run as amicl
+    from experiments.icl_reddy import run as icl_reddy
+    from experiments.mqar import sweep as mqar_sweep
+    from experiments.report.__main__ import README_BEGIN as begin
+    from experiments.report.__main__ import README_END as end
+    from experiments.report.__main__ import render, update_readme
 
-    results = tmp_path / "results"
-    amicl.main(["--trials", "20", "--seeds", "1", "--sweep-points", "3", "--out", str(results / "amicl.json")])
+    lab, results = tmp_path / "lab", tmp_path / "results"
+    amicl.main(["--trials", "20", "--seeds", "1", "--sweep-points", "3", "--out", str(lab / "amicl" / "amicl.json")])
     eval_main(
         ["ioi", "--model", str(tiny_model_dir), "--limit", "2", "--per-template", "1", "--results-dir", str(results)]
     )
-    from amformers.eval import icl_reddy
-
     for variant in ("baseline", "values", "learned-values"):
         icl_reddy.train(
             variant, 0, iterations=2, eval_every=2, test_size=8, batch_size=4, run_dir=tmp_path / f"runs/{variant}_s0"
         )
-    icl_reddy.summarise(results / "icl_reddy.json", tmp_path / "runs")
-    text = report.render(results)
-    assert "| values | 1 |" in text and (results / "icl_reddy.png").is_file()
+    icl_reddy.summarise(lab / "icl_reddy" / "icl_reddy.json", tmp_path / "runs")
+    out = tmp_path / "REPORT.md"
+    text = render(results, out=out, lab=lab)
+    assert out.read_text() == text
+    assert "| values | 1 |" in text and (lab / "icl_reddy" / "icl_reddy.png").is_file()
     (learned,) = [
         r["history"][-1]["stream_weights"]
-        for r in json.loads((results / "icl_reddy.json").read_text())["runs"]
+        for r in json.loads((lab / "icl_reddy" / "icl_reddy.json").read_text())["runs"]
         if r["variant"] == "learned-values"
     ]
     assert "| learned-values | 1 |" in text and "({:.2f}, {:.2f})".format(*learned) in text
-    from amformers.eval import mqar_sweep
-
     runs = tmp_path / "mqar"
     mqar_sweep.run_sweep(["palimpsa", "not_palimpsa"], [16, 32], [(16, 2)], [3e-3], 8, 8, 1, 8, [0], runs, 32)
-    mqar_sweep.summarise(runs / "results.jsonl", results / "mqar.json")
-    text = report.render(results)
+    mqar_sweep.summarise(runs / "results.jsonl", lab / "mqar" / "mqar.json")
+    text = render(results, out=out, lab=lab)
     assert "## MQAR" in text and "| equal state size | 16 | 2 | 0 | palimpsa | 16 |" in text
-    assert (results / "mqar.png").is_file()
-    ioi_json = json.loads((results / tiny_model_dir.name / "ioi.json").read_text())
-    assert f"{ioi_json['summary']['official']['accuracy']:.4f}" in text
-    assert "| 100 | 512 | 20 | 1.25 | 907 |" in text and (results / "amicl.png").is_file()
+    assert (lab / "mqar" / "mqar.png").is_file()
+    ioi_json = read_result(results / tiny_model_dir.name / "ioi.json")
+    assert f"{ioi_json['metrics']['ioi_official_accuracy']:.4f}" in text
+    assert "| 100 | 512 | 20 | 1.25 | 907 |" in text and (lab / "amicl" / "amicl.png").is_file()
     readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nintro\n\n{report.README_BEGIN}\nstale block\n{report.README_END}\n\n## After\n")
-    report.update_readme(text, readme)
+    readme.write_text(f"# Title\n\nintro\n\n{begin}\nstale block\n{end}\n\n## After\n")
+    update_readme(text, readme)
     updated = readme.read_text()
-    assert updated.startswith("# Title\n\nintro\n\n") and updated.endswith(f"{report.README_END}\n\n## After\n")
+    assert updated.startswith("# Title\n\nintro\n\n") and updated.endswith(f"{end}\n\n## After\n")
     assert "stale block" not in updated and "#### AMICL" in updated
 
 
@@ -397,7 +449,7 @@ def markdown_tables(text: str) -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def shipped_results(tiny_model_dir, tiny_model, tmp_path_factory):
-    """eval/results/<name>/<suite>.json for the four shipped names, in the real formats: every suite runs once on
+    """<results>/<name>/<suite>.json for the four shipped names, in the result schema: every suite runs once on
     the tiny model (small fake data), then its files are copied under each name with known headline numbers."""
     root = tmp_path_factory.mktemp("shipped")
     stories = root / "valid.txt"
@@ -417,53 +469,76 @@ def shipped_results(tiny_model_dir, tiny_model, tmp_path_factory):
     run = results / "run"
     # lm-eval costs ~20 s of task indexing, so its file comes from the suite's own writer with the metrics as
     # harness.run_tasks returns them (test_lm_eval_tasks_through_hflm_agree_with_our_blimp runs the real thing)
-    config = {"tasks": ["amformers_tinystories_cloze"], "limit": 2, "include_path": str(harness.TASKS_DIR)}
-    metrics = {"amformers_tinystories_cloze": {"sample_len": 2, "perplexity,none": 812.5, "acc,none": 0.5}}
-    write_results(
-        run / "lm-eval.json", "lm-eval", tiny_model_dir, {"config": config, "results": metrics}, tiny_model[0],
+    lm_eval = {"amformers_tinystories_cloze": {"sample_len": 2, "perplexity,none": 812.5, "acc,none": 0.5}}
+    write_result(
+        run / "lm-eval.json", model="run", suite="lm-eval",
         command=f"python -m amformers.eval lm-eval {' '.join(common)} --limit 2",
+        settings={"tasks": ["amformers_tinystories_cloze"], "limit": 2}, metrics=harness.headline_metrics(lm_eval),
+        tables={"tasks": [{"task": "amformers_tinystories_cloze", "sample_len": 2, "perplexity": 812.5, "acc": 0.5}]},
+        provenance={"model_dir": str(tiny_model_dir)},
     )  # fmt: skip
-    ppl = json.loads((run / "perplexity.json").read_text())
+    ppl = read_result(run / "perplexity.json")
     # the pd-stories holdout is too big for a unit test: a --book source has exactly its fields
-    ppl["sources"]["pd-stories-holdout"] = ppl["sources"].pop("book:book")
-    (run / "perplexity.json").write_text(json.dumps(ppl))
+    (book_row,) = [row for row in ppl["tables"]["sources"] if row["source"] == "book:book"]
+    book_row["source"] = "pd-stories-holdout"
+    ppl["metrics"].update(perplexity.headline_metrics({"pd-stories-holdout": book_row}))
+    write_result(run / "perplexity.json", **{k: v for k, v in ppl.items() if k != "schema"})
     for name, (ioi_acc, logit_diff, perplexity_value, blimp_acc) in HEADLINES.items():
         (results / name).mkdir()
-        suites = {p.stem: json.loads(p.read_text()) for p in run.glob("*.json")}
-        suites["ioi"]["summary"]["wang-tinystories"].update(accuracy=ioi_acc, mean_logit_diff=logit_diff)
-        suites["perplexity"]["sources"]["tinystories-valid"]["perplexity"] = perplexity_value
-        suites["blimp"]["accuracy"] = blimp_acc
+        records = {p.stem: read_result(p) for p in run.glob("*.json")}
+        records["ioi"]["metrics"].update(ioi_accuracy=ioi_acc, ioi_mean_logit_diff=logit_diff)
+        records["perplexity"]["metrics"]["tinystories_valid_perplexity"] = perplexity_value
+        (valid,) = [row for row in records["perplexity"]["tables"]["sources"] if row["source"] == "tinystories-valid"]
+        valid["perplexity"] = perplexity_value
+        records["blimp"]["metrics"]["blimp_accuracy"] = blimp_acc
         checkpoint = root / "checkpoints" / name  # as amformers.train.ship leaves it, for the training tokens
         checkpoint.mkdir(parents=True)
         (checkpoint / "training_summary.json").write_text(json.dumps({"steps": 1000, "tokens": 8_192_000}))
-        for suite, data in suites.items():
-            data["command"] = data["command"].replace("--name run", f"--name {name}")
-            data["model_dir"] = str(checkpoint)
-            (results / name / f"{suite}.json").write_text(json.dumps(data, indent=2))
+        for suite, record in records.items():
+            record["command"] = record["command"].replace("--name run", f"--name {name}")
+            record["provenance"]["model_dir"] = str(checkpoint)
+            write_result(
+                results / name / f"{suite}.json", **{k: v for k, v in record.items() if k != "schema"} | {"model": name}
+            )
     shutil.rmtree(run)
-    lora = {"accuracy_before": 0.25, "accuracy_after": 0.875, "per_task": {"qa1": {"accuracy_before": 0.0}}}
-    (results / "attn_stream-8m" / "babi_lora.json").write_text(json.dumps(lora))
-    (results / "not-a-model").mkdir()
-    (results / "not-a-model" / "notes.json").write_text("{}")
+    write_result(
+        results / "attn_stream-8m" / "babi_lora.json", model="attn_stream-8m", suite="babi_lora",
+        command="python examples/finetune_babi_lora.py --model checkpoints/attn_stream-8m", settings={"task": 1},
+        metrics={"babi_lora_accuracy_before": 0.25, "babi_lora_accuracy_after": 0.875}, tables={}, provenance={},
+    )  # fmt: skip
+    (results / "not-a-model").mkdir()  # no result files: not a model
     return results
 
 
+def test_a_results_folder_with_an_old_or_foreign_file_is_named_in_the_error(shipped_results, tmp_path):
+    from amformers.eval.results import read_results
+
+    copy = tmp_path / "results"
+    shutil.copytree(shipped_results, copy)
+    (copy / "palimpsa-8m" / "notes.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"palimpsa-8m/notes.json: schema is None"):
+        read_results(copy)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_results(tmp_path / "nowhere")
+
+
 def test_comparison_table_has_a_row_per_model_and_paired_differences(shipped_results):
-    from amformers.eval import report
+    from experiments.model_eval import report
+    from experiments.report.__main__ import render
 
     text = "\n".join(report.comparison_section(shipped_results))
     table, pairs = markdown_tables(text)
     assert [row["model"] for row in table] == sorted(SHIPPED)  # "not-a-model" has no suite results
     rows = {row["model"]: row for row in table}
-    run = json.loads((shipped_results / "palimpsa-8m" / "perplexity.json").read_text())
+    run = read_result(shipped_results / "palimpsa-8m" / "perplexity.json")
     for name, (ioi_acc, logit_diff, perplexity_value, blimp_acc) in HEADLINES.items():
         row = rows[name]
         assert row["IOI acc (wang-tinystories)"] == f"{ioi_acc:.4f}"
         assert row["IOI logit diff (wang-tinystories)"] == f"{logit_diff:.4f}"
         assert row["TinyStories valid ppl"] == f"{perplexity_value:.4f}"
         assert row["BLiMP acc"] == f"{blimp_acc:.4f}"
-        assert row["parameters"] == str(run["model"]["num_parameters"])
-        assert row["held-out books bits/byte"] == f"{run['sources']['pd-stories-holdout']['bits_per_byte']:.4f}"
+        assert row["parameters"] == str(run["metrics"]["parameters"])
+        assert row["held-out books bits/byte"] == f"{run['metrics']['heldout_books_bits_per_byte']:.4f}"
         assert float(row["bAbI mean acc (zero-shot)"]) >= 0
         assert (row["lm-eval tinystories_cloze acc"], row["lm-eval tinystories_cloze perplexity"]) == (
             "0.5000",
@@ -487,7 +562,7 @@ def test_comparison_table_has_a_row_per_model_and_paired_differences(shipped_res
     assert by_metric[("palimpsa-8m", "IOI acc (wang-tinystories)")]["model is"] == "equal"
     assert ("attn_stream-8m", "BLiMP acc") not in by_metric  # only the metrics a pair is about
     assert by_metric[("attn_stream-8m", "training tokens")]["model is"] == "equal"
-    full = report.render(shipped_results)
+    full = render(shipped_results, out=shipped_results.parent / "REPORT.md", lab=shipped_results.parent / "lab")
     assert full.index("## Model comparison") < full.index("## Model `attn_stream-8m`")
 
 
@@ -514,15 +589,16 @@ def tiny_checkpoint(folder: Path, tokenizer, markers: bool = True) -> Path:
 
 
 def report_markers() -> set[str]:
-    from amformers.eval import report
+    from amformers import model_card
 
-    return {report.CARD_BEGIN, report.CARD_END}
+    return {model_card.CARD_BEGIN, model_card.CARD_END}
 
 
 def test_cards_write_eval_results_and_model_index_idempotently(shipped_results, tiny_tokenizer, tmp_path):
     from huggingface_hub import ModelCard
 
-    from amformers.eval import report
+    from amformers import model_card as report
+    from experiments.report.__main__ import main as report_main
 
     checkpoints = tmp_path / "checkpoints"
     card = tiny_checkpoint(checkpoints / "attn_stream-8m", tiny_tokenizer)
@@ -530,14 +606,14 @@ def test_cards_write_eval_results_and_model_index_idempotently(shipped_results, 
     bare = tiny_checkpoint(checkpoints / "palimpsa-8m", tiny_tokenizer, markers=False)
     tiny_checkpoint(checkpoints / "unevaluated", tiny_tokenizer)
     untouched = (checkpoints / "unevaluated" / "README.md").read_text()
-    report.main(["--results", str(shipped_results), "--cards", str(checkpoints)])
+    report.main(["--results", str(shipped_results), "--checkpoints", str(checkpoints)])
 
     record = json.loads((checkpoints / "attn_stream-8m" / "eval_results.json").read_text())
-    ppl = json.loads((shipped_results / "attn_stream-8m" / "perplexity.json").read_text())
-    assert record["tinystories_valid_perplexity"] == ppl["sources"]["tinystories-valid"]["perplexity"] == 30.0
+    ppl = read_result(shipped_results / "attn_stream-8m" / "perplexity.json")
+    assert record["tinystories_valid_perplexity"] == ppl["metrics"]["tinystories_valid_perplexity"] == 30.0
     assert (record["ioi_accuracy"], record["babi_lora_accuracy_after"]) == (0.75, 0.875)
     settings = record["perplexity_settings"]["tinystories-valid"]
-    tiny_valid = ppl["sources"]["tinystories-valid"]
+    (tiny_valid,) = [row for row in ppl["tables"]["sources"] if row["source"] == "tinystories-valid"]
     assert (settings["documents"], settings["tokens"], settings["nll_nats"]) == (
         2,
         tiny_valid["tokens"],
@@ -572,12 +648,12 @@ def test_cards_write_eval_results_and_model_index_idempotently(shipped_results, 
     assert "| TinyStories valid ppl | 20.0000 |" in bare_text
 
     first = {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()}
-    report.main(["--results", str(shipped_results), "--cards", str(checkpoints)])
+    report_main(["--results", str(shipped_results), "--cards", str(checkpoints)])  # the report's --cards is the same
     assert {p: p.read_bytes() for p in checkpoints.rglob("*") if p.is_file()} == first
 
 
 def test_card_block_goes_to_the_end_without_a_samples_heading():
-    from amformers.eval import report
+    from amformers import model_card as report
 
     assert report.replace_card_block("# Card\n\ntext\n", "numbers") == (
         f"# Card\n\ntext\n\n{report.CARD_BEGIN}\nnumbers\n{report.CARD_END}\n"

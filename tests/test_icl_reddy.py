@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from amformers.eval.icl_reddy import (
+from experiments.icl_reddy.run import (
     INPUT_DIM,
     NMAX,
     SEQ_LEN,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from amformers.eval.mqar import accuracy, mqar, split_seed
+from experiments.mqar.task import accuracy, mqar, split_seed
 
 
 def test_mqar_sequences_follow_zoology():
@@ -60,7 +60,7 @@ def test_mqar_accuracy_is_per_example_mean():
 
 
 def test_sweep_trains_a_tiny_attention_model_and_measures_like_zoology(tmp_path):
-    from amformers.eval import mqar_sweep
+    from experiments.mqar import sweep as mqar_sweep
 
     model = mqar_sweep.build_model("attention", 32, 32, vocab_size=64)
     assert all(isinstance(layer.mlp, mqar_sweep.NoMLP) for layer in model.model.layers)
@@ -87,7 +87,7 @@ def test_sweep_trains_a_tiny_attention_model_and_measures_like_zoology(tmp_path)
 
 @pytest.mark.parametrize("family", ["palimpsa", "not_palimpsa", "meta_mamba2", "mamba2"])
 def test_sweep_builds_every_recurrent_family_without_mlp(family):
-    from amformers.eval import mqar_sweep
+    from experiments.mqar import sweep as mqar_sweep
 
     model = mqar_sweep.build_model(family, 32, 32, vocab_size=64)
     if model is None:
@@ -103,7 +103,7 @@ def test_sweep_builds_every_recurrent_family_without_mlp(family):
 
 
 def test_claim_comparisons_match_peers_by_state_size_and_by_width():
-    from amformers.eval.mqar_sweep import claim_comparisons
+    from experiments.mqar.sweep import claim_comparisons
 
     def row(family, d, state, acc):
         return {"family": family, "d_model": d, "state_size": state, "best_test_accuracy": acc, "seq_len": 128,
@@ -117,7 +117,7 @@ def test_claim_comparisons_match_peers_by_state_size_and_by_width():
 
 
 def test_seed_spread_summarises_only_cells_with_several_seeds():
-    from amformers.eval.mqar_sweep import seed_spread
+    from experiments.mqar.sweep import seed_spread
 
     def row(family, seed, acc):
         cell = {"family": family, "d_model": 64, "seq_len": 128, "kv_pairs": 16}
@@ -132,7 +132,7 @@ def test_seed_spread_summarises_only_cells_with_several_seeds():
 def test_concurrent_sweeps_skip_cells_another_live_process_claimed(tmp_path):
     import os
 
-    from amformers.eval import mqar_sweep
+    from experiments.mqar import sweep as mqar_sweep
 
     claims = tmp_path / "claims"
     claims.mkdir()
@@ -148,7 +148,7 @@ def test_concurrent_sweeps_skip_cells_another_live_process_claimed(tmp_path):
 
 
 def test_default_grid_tasks_are_all_generable_and_bad_tasks_fail_before_training(tmp_path):
-    from amformers.eval import mqar_sweep
+    from experiments.mqar import sweep as mqar_sweep
 
     for seq_len, kv in mqar_sweep.DEFAULT_TASKS:  # the L=256 task once crashed the sweep hours in (vocab 256)
         inputs, _ = mqar(2, seq_len, kv, mqar_sweep.task_vocab(seq_len), seed=0)

@@ -7,17 +7,23 @@ Standard library + `datasets` only: the lm-eval CLI process need not import amfo
 
 - IOI and the TinyStories cloze read `data/*.jsonl` next to this file (written by
   `python -m amformers.eval.build_tasks`).
-- BLiMP reads the 67 paradigm files from `$AMFORMERS_BLIMP_DIR`, else `../shared/data/blimp/` relative to the
-  project root.
+- BLiMP reads the 67 paradigm files from `$AMFORMERS_BLIMP_DIR`, else `blimp/` in the data folder: the same rule
+  as amformers.corpus.data_dir (`$AMFORMERS_DATA_DIR`, else `../shared/data` from the current directory), restated
+  here because this file runs without amformers. `python -m amformers.eval --data-dir` sets AMFORMERS_DATA_DIR.
 """
 
 import json
 import os
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DATA_DIR = HERE / "data"
-BLIMP_DIR = HERE.parents[1].parent / "shared" / "data" / "blimp"
+DATA_DIR = Path(__file__).resolve().parent / "data"  # the task data shipped beside this file (package data)
+
+
+def blimp_dir() -> Path:
+    """$AMFORMERS_BLIMP_DIR, else <$AMFORMERS_DATA_DIR or ../shared/data>/blimp."""
+    if os.environ.get("AMFORMERS_BLIMP_DIR"):
+        return Path(os.environ["AMFORMERS_BLIMP_DIR"])
+    return Path(os.environ.get("AMFORMERS_DATA_DIR") or Path("..") / "shared" / "data") / "blimp"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -42,7 +48,7 @@ def load_cloze(**_metadata):
 
 
 def load_blimp(**_metadata):
-    folder = Path(os.environ.get("AMFORMERS_BLIMP_DIR", BLIMP_DIR))
+    folder = blimp_dir()
     files = sorted(folder.glob("*.jsonl"))
     if not files:
         raise FileNotFoundError(f"No BLiMP *.jsonl files in {folder} (set AMFORMERS_BLIMP_DIR).")

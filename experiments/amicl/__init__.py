@@ -1,0 +1,1 @@
+"""AMICL: the associative-memory in-context-learning notebook reproduced without training (`run.py`)."""

@@ -1,0 +1,1 @@
+"""Reddy (2023) in-context classification with a two-layer attention-only network (`run.py`)."""

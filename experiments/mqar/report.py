@@ -1,0 +1,73 @@
+"""The MQAR section of the report: best accuracy over learning rates per cell, seed spread, the claim's pairs."""
+
+from pathlib import Path
+
+from amformers.eval.results import format_table
+
+from .. import load_json, pyplot
+from .sweep import RESULTS
+
+
+def section(results: Path = RESULTS) -> list[str]:
+    data = load_json(results / "mqar.json")
+    if not data or not data["best_over_lr"]:
+        return []
+    columns = (
+        "family", "d_model", "seq_len", "kv_pairs", "seed", "state_size", "best_test_accuracy", "lr", "lrs_tried",
+    )  # fmt: skip
+    rows = [{k: r.get(k) for k in (*columns, "steps", "seconds")} for r in data["best_over_lr"]]
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    tasks = sorted({(r["seq_len"], r["kv_pairs"]) for r in rows})
+    markers = "osD^v<>"
+    for i, family in enumerate(sorted({r["family"] for r in rows})):
+        for j, task in enumerate(tasks):
+            mine = [r for r in rows if r["family"] == family and (r["seq_len"], r["kv_pairs"]) == task]
+            label = family if j == 0 else None
+            style = {"color": f"C{i}", "marker": markers[j % len(markers)], "label": label}
+            left.scatter([r["state_size"] for r in mine], [r["best_test_accuracy"] for r in mine], **style)
+            right.scatter([r["seconds"] for r in mine], [r["best_test_accuracy"] for r in mine], **style)
+    left.set_xscale("log")
+    left.set_xlabel("recurrent state size (numbers per sequence)")
+    right.set_xscale("log")
+    right.set_xlabel("training wall time (s)")
+    left.set_ylabel("MQAR accuracy (best lr)")
+    left.set_title("markers: " + ", ".join(f"{m} L={a} kv={b}" for m, (a, b) in zip(markers, tasks)), fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(results / "mqar.png", dpi=110)
+    plt.close(fig)
+    config = data.get("config") or {}
+    lines = [
+        "## MQAR",
+        "",
+        f"{data['runs']} runs, best test accuracy over learning rates per cell; "
+        + (", ".join(f"{k} {v}" for k, v in config.items()) + "; " if config else "")
+        + "".join(
+            f"vocab_size {'/'.join(map(str, sizes))} at seq_len {length}; "
+            for length, sizes in (data.get("vocab_size_by_seq_len") or {}).items()
+            if "vocab_size" not in config
+        )
+        + f"command: `{data.get('sweep_command', data['command'])}`. Plot: `experiments/mqar/results/mqar.png`.",
+        "",
+        format_table(rows, floatfmt=".3f"),
+        "",
+    ]
+    spread = data.get("seed_spread") or []
+    if spread:
+        lines += [
+            "Cells run with more than one seed (best accuracy over learning rates per seed; sample std):",
+            "",
+            format_table(spread, floatfmt=".3f"),
+            "",
+        ]
+    comparisons = data.get("claim_comparisons") or []
+    if comparisons:
+        lines += [
+            f"Claim: {data['claim']}. Metaplastic model minus its peer, same task and seed "
+            "(a metaplastic state holds two numbers per entry, so at equal state size its peer is twice as wide):",
+            "",
+            format_table(comparisons, floatfmt=".3f"),
+            "",
+        ]
+    return lines

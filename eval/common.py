@@ -159,7 +159,7 @@ def model_summary(model) -> dict:
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         **{
             key: getattr(config, key)
-            for key in ("hidden_size", "num_hidden_layers", "vocab_size", "attention_stream", "stream_weights")
+            for key in ("hidden_size", "num_hidden_layers", "vocab_size", "attention_stream", "stream_weighting")
             if hasattr(config, key)
         },
     }

@@ -86,7 +86,7 @@ def run_child(name: str, seq_len: int, optimizer_mode: str) -> dict:
     import psutil
 
     import amformers  # noqa: F401
-    from amformers.train.pretrain import build_model, build_model_config, load_config, parameter_groups
+    from amformers.train.config import build_model, build_model_config, load_config, parameter_groups
     from amformers.train.tokenizer import load_tokenizer
 
     config = load_config(REPO / "train" / "configs" / f"{name}.yaml")

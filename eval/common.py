@@ -15,13 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import data_dir
 from ..model_folder import require_model_folder
 from .results import provenance, result_path, write_result
-
-# The data folder as the process started (`python -m amformers.eval --data-dir` sets AMFORMERS_DATA_DIR before the
-# suites are imported). Only perplexity.py's data part reads it; the suites call `data_dir()` when they run.
-DATA_ROOT = data_dir()
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

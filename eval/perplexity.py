@@ -1,11 +1,11 @@
 """Perplexity and bits per byte on held-out text.
 
-Sources:
-- tinystories-valid: TinyStories `valid.txt` from `../shared/data/tinystories/` (stories separated by
-  `<|endoftext|>` lines, each scored as its own document from the prefix token);
-- pd-stories-holdout: the held-out book text of the pretraining mix, i.e. the validation chunks that
-  `amformers.train.data` carves out of `../shared/data/pd-stories/` (Gutenberg-cleaned ~4000-character chunks,
-  1% chosen by text hash, as in train/configs/*-8m.yaml); skipped with `--no-heldout-books`;
+Sources (under the data folder of `amformers.corpus`: $AMFORMERS_DATA_DIR, else ../shared/data):
+- tinystories-valid: TinyStories `tinystories/valid.txt` (stories separated by `<|endoftext|>` lines, each
+  scored as its own document from the prefix token);
+- pd-stories-holdout: the held-out book text of the pretraining mix, i.e. the validation chunks of the corpus's
+  book source `amformers.corpus.PD_STORIES` (Gutenberg-cleaned chunks chosen by text hash, the split training
+  uses); skipped with `--no-heldout-books`;
 - any book given with `--book FILE` (one long document, scored with overlapping windows).
 For each source:
 
@@ -20,29 +20,22 @@ import math
 import time
 from pathlib import Path
 
-from .common import DATA_ROOT, document_nll, load_model, save_result
+from .. import corpus
+from .common import document_nll, load_model, save_result
 from .results import format_table
 
-TINYSTORIES_VALID = DATA_ROOT / "tinystories" / "valid.txt"
-SEPARATOR = "<|endoftext|>"
+TINYSTORIES_VALID = corpus.data_dir() / "tinystories" / "valid.txt"
 
 
 def read_stories(path: str | Path, limit: int | None = None) -> list[str]:
-    text = Path(path).read_text(encoding="utf-8")
-    stories = [s.strip() for s in text.split(SEPARATOR) if s.strip()]
+    """The stories of a `<|endoftext|>`-separated text file, stripped, empty ones dropped."""
+    stories = [s.strip() for s in corpus.text_file_documents(Path(path)) if s.strip()]
     return stories[:limit] if limit else stories
 
 
-def heldout_book_chunks(chunk_chars: int = 4000, valid_fraction: float = 0.01, limit: int | None = None) -> list[str]:
+def heldout_book_chunks(limit: int | None = None) -> list[str]:
     """The pd-stories validation documents exactly as the pretraining data pipeline splits them."""
-    from amformers.train.data import DataSource, load_source
-
-    source = DataSource(
-        path="pd-stories", split="holdout", name="pd-stories", clean="gutenberg", chunk_chars=chunk_chars,
-        valid_fraction=valid_fraction,
-    )  # fmt: skip
-    documents = load_source(source, DATA_ROOT)
-    texts = [row["text"] for row in documents if row["split"] == "validation"]
+    texts = corpus.validation_texts(corpus.PD_STORIES)
     return texts[:limit] if limit else texts
 
 
@@ -81,11 +74,9 @@ def main(args) -> dict:
         )
     else:
         print(f"{args.tinystories} not found: skipping TinyStories.")
-    if args.heldout_books and (DATA_ROOT / "pd-stories").is_dir():
-        try:
-            sources["pd-stories-holdout"] = (str(DATA_ROOT / "pd-stories"), heldout_book_chunks(limit=args.limit))
-        except ImportError as error:  # the training package is optional for evaluation
-            print(f"amformers.train.data unavailable ({error}): skipping the held-out book text.")
+    books = corpus.data_dir() / corpus.PD_STORIES.path
+    if args.heldout_books and books.is_dir():
+        sources["pd-stories-holdout"] = (str(books.resolve()), heldout_book_chunks(limit=args.limit))
     for book in args.book or []:
         text = Path(book).read_text(encoding="utf-8")
         sources[f"book:{Path(book).stem}"] = (

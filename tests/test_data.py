@@ -1,4 +1,5 @@
-"""Pretraining data path: Gutenberg cleaning, document loading through `datasets`, packing, tokenizer."""
+"""The corpus (amformers.corpus: reading, Gutenberg cleaning, the held-out split) and the pretraining data path
+(document loading through `datasets`, packing, loaders), and the tokenizer."""
 
 import json
 import random
@@ -8,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from amformers import corpus as C
 from amformers.train import data as D
 from amformers.train.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
 
 GUTENBERG_SAMPLE = """THE LITTLE BOOK
 
@@ -63,7 +66,7 @@ def synthetic_stories(count: int, seed: int = 0) -> list[str]:
 
 
 def write_stories(path: Path, stories: list[str]) -> Path:
-    path.write_text("".join(f"{story}\n{D.END_OF_TEXT}\n" for story in stories), encoding="utf-8")
+    path.write_text("".join(f"{story}\n{C.END_OF_TEXT}\n" for story in stories), encoding="utf-8")
     return path
 
 
@@ -76,7 +79,7 @@ def small_tokenizer():
 
 
 def test_clean_gutenberg_unwraps_and_drops_front_matter():
-    cleaned = D.clean_gutenberg(GUTENBERG_SAMPLE)
+    cleaned = C.clean_gutenberg(GUTENBERG_SAMPLE)
     lines = cleaned.split("\n")
     assert "Illustration" not in cleaned and "fox\n   sitting" not in cleaned
     assert "CONTENTS" not in cleaned and "THE MIDDLE" not in cleaned and ". . ." not in cleaned
@@ -94,7 +97,7 @@ def test_clean_gutenberg_unwraps_and_drops_front_matter():
 def test_clean_gutenberg_drops_title_runs_but_keeps_short_dialogue():
     contents = "\n\n".join(f"     THE TALE OF NUMBER {i}" for i in range(8))
     dialogue = "\n\n".join(['"Yes."', '"No."', '"Why not?"', '"Because."', '"Oh!"', '"Well, then."'])
-    cleaned = D.clean_gutenberg(f"{contents}\n\n{dialogue}\n")
+    cleaned = C.clean_gutenberg(f"{contents}\n\n{dialogue}\n")
     assert "TALE OF NUMBER" not in cleaned
     assert cleaned.split("\n") == ['"Yes."', '"No."', '"Why not?"', '"Because."', '"Oh!"', '"Well, then."']
 
@@ -102,29 +105,29 @@ def test_clean_gutenberg_drops_title_runs_but_keeps_short_dialogue():
 def test_chunk_document_cuts_at_paragraphs_and_loses_nothing():
     paragraphs = [("word " * random.Random(i).randint(5, 60)).strip() for i in range(200)]
     text = "\n".join(paragraphs)
-    chunks = D.chunk_document(text, 1000)
+    chunks = C.chunk_document(text, 1000)
     assert "\n".join(chunks) == text
     assert all(len(chunk) >= 1000 for chunk in chunks[:-1])
     assert len(chunks[-1]) >= 250  # a short tail joins the previous chunk
-    assert D.chunk_document("short", 1000) == ["short"]
+    assert C.chunk_document("short", 1000) == ["short"]
 
 
 def test_heldout_is_content_hashed_and_near_the_fraction():
     texts = [f"story number {i} about a cat" for i in range(20000)]
-    chosen = [t for t in texts if D.is_heldout(t, 0.01)]
+    chosen = [t for t in texts if C.is_heldout(t, 0.01)]
     assert 150 < len(chosen) < 250
-    assert D.is_heldout("a  cat\nsat", 0.5) == D.is_heldout("a cat sat", 0.5)  # whitespace-normalised
-    assert chosen == [t for t in texts if D.is_heldout(t, 0.01)]
+    assert C.is_heldout("a  cat\nsat", 0.5) == C.is_heldout("a cat sat", 0.5)  # whitespace-normalised
+    assert chosen == [t for t in texts if C.is_heldout(t, 0.01)]
 
 
 def test_text_file_documents_split_on_end_of_text(tmp_path):
     path = tmp_path / "a.txt"
-    path.write_text(f"one\ntwo\n{D.END_OF_TEXT}\nthree{D.END_OF_TEXT}four\n{D.END_OF_TEXT}\n", encoding="utf-8")
-    docs = [d.strip() for d in D._text_file_documents(path) if d.strip()]
+    path.write_text(f"one\ntwo\n{C.END_OF_TEXT}\nthree{C.END_OF_TEXT}four\n{C.END_OF_TEXT}\n", encoding="utf-8")
+    docs = [d.strip() for d in C.text_file_documents(path) if d.strip()]
     assert docs == ["one\ntwo", "three", "four"]
     whole = tmp_path / "b.txt"
     whole.write_text("a book\nwith lines\n", encoding="utf-8")
-    assert [d.strip() for d in D._text_file_documents(whole)] == ["a book\nwith lines"]
+    assert [d.strip() for d in C.text_file_documents(whole)] == ["a book\nwith lines"]
 
 
 # -- loading through datasets -------------------------------------------------------------------------
@@ -166,7 +169,7 @@ def test_load_documents_mixes_formats_with_a_fixed_split(tmp_path):
     assert books and all("Illustration" not in t and "CONTENTS" not in t for t in books)
     for text, source in zip(train["text"] + valid["text"], train["source"] + valid["source"]):
         if source == "books":  # held-out book chunks are exactly the hash-chosen ones
-            assert D.is_heldout(text, 0.01) == (text in valid["text"])
+            assert C.is_heldout(text, 0.01) == (text in valid["text"])
     # cached: a second load reads the same Arrow files from the cache folder instead of rebuilding
     again = D.load_documents(config)
     assert list(again["train"]["text"]) == train["text"]
@@ -174,6 +177,36 @@ def test_load_documents_mixes_formats_with_a_fixed_split(tmp_path):
     # a changed file invalidates the cache (the fingerprint covers size and modification time)
     write_stories(tmp_path / "stories.txt", synthetic_stories(50, seed=1))
     assert list(D.load_documents(config)["train"]["source"]).count("stories") == 50
+
+
+def test_evaluation_reads_the_same_validation_documents_as_training(tmp_path):
+    """`corpus.validation_texts` (what the perplexity evaluation scores) is the training pipeline's split."""
+    config = _mixed_corpus(tmp_path)
+    valid = D.load_documents(config)["validation"].to_dict()
+    books = next(s for s in config.sources if s.name == "books")
+    assert C.validation_texts(books, tmp_path) == [t for t, s in zip(valid["text"], valid["source"]) if s == "books"]
+
+
+def test_shipped_configs_declare_the_corpus_book_source():
+    """The default mix's books in every shipped config are `corpus.PD_STORIES`, the held-out books evaluation
+    scores (same chunking, same held-out fraction)."""
+    import yaml
+
+    for path in sorted((REPO / "train" / "configs").glob("*.yaml")):
+        sources = yaml.safe_load(path.read_text())["data"]["sources"]
+        books = [C.DataSource(**s) for s in sources if isinstance(s, dict) and s.get("path") == "pd-stories"]
+        assert books in ([], [C.PD_STORIES]), path.name
+    assert (C.PD_STORIES.chunk_chars, C.PD_STORIES.valid_fraction) == (4000, 0.01)
+
+
+def test_data_dir_is_the_flag_else_the_environment_else_beside_the_checkout(monkeypatch, tmp_path):
+    monkeypatch.delenv(C.DATA_DIR_ENV, raising=False)
+    assert C.data_dir() == Path("..") / "shared" / "data"
+    monkeypatch.setenv(C.DATA_DIR_ENV, str(tmp_path / "env"))
+    assert C.data_dir() == tmp_path / "env"
+    assert C.data_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert D.DataConfig.from_dict({"sources": ["x.txt"]}).resolved_root() == tmp_path / "env"
+    assert D.DataConfig.from_dict({"root": str(tmp_path), "sources": ["x.txt"]}).resolved_root() == tmp_path
 
 
 def test_max_documents_takes_a_prefix(tmp_path):
@@ -193,15 +226,15 @@ def test_bad_sources_get_clear_errors(tmp_path):
         D.DataConfig.from_dict({"block_size": 8})
     (tmp_path / "blimp").mkdir()
     (tmp_path / "blimp" / "a.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="evaluation data"):
-        D.resolve_source_files(D.DataSource(path="blimp"), tmp_path)
+    with pytest.raises(ValueError, match="benchmark data"):
+        C.resolve_source_files(C.DataSource(path="blimp"), tmp_path)
     with pytest.raises(FileNotFoundError, match="AMFORMERS_DATA_DIR"):
-        D.resolve_source_files(D.DataSource(path="tinystories"), tmp_path / "missing")
+        C.resolve_source_files(C.DataSource(path="tinystories"), tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="matches no"):
-        D.resolve_source_files(D.DataSource(path="nothing*.txt"), tmp_path)
+        C.resolve_source_files(C.DataSource(path="nothing*.txt"), tmp_path)
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.jsonl:1 has no 'text' field"):
-        list(D._jsonl_documents(tmp_path / "bad.jsonl", "text"))
+        list(C.jsonl_documents(tmp_path / "bad.jsonl", "text"))
 
 
 # -- packing ------------------------------------------------------------------------------------------
@@ -280,12 +313,10 @@ def test_tokenizer_command_trains_on_a_config(tmp_path):
 
     write_stories(tmp_path / "train.txt", synthetic_stories(200))
     config = tmp_path / "c.yaml"
-    config.write_text(
-        json.dumps({"data": {"root": str(tmp_path), "sources": [{"path": "train.txt"}]}}), encoding="utf-8"
-    )
+    config.write_text(json.dumps({"data": {"sources": [{"path": "train.txt"}]}}), encoding="utf-8")
     output = main(
-        ["--config", str(config), "--vocab_size", "300", "--output_dir", str(tmp_path / "tok"), "--cache_dir",
-         str(tmp_path / "cache")]
+        ["--config", str(config), "--data-dir", str(tmp_path), "--vocab_size", "300", "--output_dir",
+         str(tmp_path / "tok"), "--cache_dir", str(tmp_path / "cache")]
     )  # fmt: skip
     info = json.loads((output / "training_info.json").read_text())
     assert info["vocab_size"] == 300 and info["trained_on"]["documents"] == 200
@@ -298,7 +329,7 @@ def test_shared_books_clean_up():
         path = SHARED_DATA / "pd-stories" / name
         if not path.is_file():
             continue
-        cleaned = D.clean_gutenberg(path.read_text(encoding="utf-8"))
+        cleaned = C.clean_gutenberg(path.read_text(encoding="utf-8"))
         assert "[Illustration" not in cleaned
         head = cleaned[:3000]
         assert "CONTENTS" not in head and "Contents" not in head

@@ -567,10 +567,11 @@ def test_comparison_table_has_a_row_per_model_and_paired_differences(shipped_res
 
 
 def tiny_checkpoint(folder: Path, tokenizer, markers: bool = True) -> Path:
-    """A checkpoint folder whose README.md is rendered by the pretraining script's write_model_card."""
-    from amformers.train import pretrain
+    """A checkpoint folder whose README.md is rendered by the pretraining export's write_model_card."""
+    from amformers.model_card import write_model_card
+    from amformers.train.config import load_config
 
-    config = pretrain.load_config(REPO / "train" / "configs" / "attn_stream-8m.yaml")
+    config = load_config(REPO / "train" / "configs" / "attn_stream-8m.yaml")
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
     context = {
@@ -580,7 +581,7 @@ def tiny_checkpoint(folder: Path, tokenizer, markers: bool = True) -> Path:
         "block_size": config["data"]["block_size"], "training_curve": None, "generation": config["generation"],
         "samples": [{"prompt": "Once upon a time", "completion": "there was a cat."}], "vocab_size": len(tokenizer),
     }  # fmt: skip
-    path = pretrain.write_model_card(folder, config, context)
+    path = write_model_card(folder, config, context)
     text = path.read_text()
     assert report_markers() <= set(text.splitlines())  # the template carries the markers
     if not markers:

@@ -16,7 +16,8 @@ import yaml
 from safetensors.torch import load_file
 
 import amformers
-from amformers.train import pretrain
+from amformers.train import checkpoints, loop, pretrain
+from amformers.train.config import TRAINING_DEFAULTS, TRAINING_NULLABLE, build_model_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train" / "configs"
@@ -223,22 +224,22 @@ def test_damaged_checkpoint_is_refused(reference_run, corpus, tmp_path, damage, 
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
     else:
-        (latest / pretrain.CHECKPOINT_MANIFEST).unlink()
+        (latest / checkpoints.CHECKPOINT_MANIFEST).unlink()
     config = tiny_config(tmp_path, corpus, gradient_accumulation_steps=2)
-    with pytest.raises(pretrain.CheckpointError, match=message):
+    with pytest.raises(checkpoints.CheckpointError, match=message):
         pretrain.main(["--config", str(config), "--output_dir", str(output), "--resume", "--max_steps", "30"])
     # an explicit older checkpoint still verifies
-    pretrain.verify_checkpoint(output / "checkpoints" / "step_00000020")
+    checkpoints.verify_checkpoint(output / "checkpoints" / "step_00000020")
 
 
 def test_existing_checkpoints_need_resume(reference_run, corpus, tmp_path):
     output = _copy_run(reference_run, tmp_path)
     config = tiny_config(tmp_path, corpus)
-    with pytest.raises(pretrain.CheckpointError, match="already holds checkpoints"):
+    with pytest.raises(checkpoints.CheckpointError, match="already holds checkpoints"):
         pretrain.main(["--config", str(config), "--output_dir", str(output)])
     # an interrupted save leaves only a hidden temporary folder, which is never taken for a checkpoint
     (output / "checkpoints" / ".step_00000028.tmp").mkdir()
-    assert [s for s, _ in pretrain.list_checkpoints(output / "checkpoints")] == [16, 20, 24]
+    assert [s for s, _ in checkpoints.list_checkpoints(output / "checkpoints")] == [16, 20, 24]
 
 
 class FakeHfApi:
@@ -361,7 +362,7 @@ def test_accumulated_loss_is_token_exact(fresh_accelerate_state):
     accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
     model = accelerator.prepare(model)
     batches = [{"input_ids": tokens[:2], "labels": labels[:2]}, {"input_ids": tokens[2:], "labels": labels[2:]}]
-    step_loss, _ = pretrain.accumulate_gradients(accelerator, model, batches)
+    step_loss, _ = loop.accumulate_gradients(accelerator, model, batches)
     expected = reference(input_ids=tokens, labels=labels).loss
     expected.backward()
     torch.testing.assert_close(step_loss, expected.detach(), rtol=1e-6, atol=1e-6)
@@ -373,56 +374,87 @@ def test_accumulated_loss_is_token_exact(fresh_accelerate_state):
     assert abs((halves[0] + halves[1]).item() / 2 - expected.item()) > 1e-3
 
 
+def test_validation_loss_is_the_models_loss_over_every_target(fresh_accelerate_state):
+    """`evaluate` weighs every next-token target once, whatever the batching, and agrees with a direct
+    cross-entropy over the shifted labels; the loop counts targets with the same shift."""
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "attn_stream", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokens = torch.randint(0, 50, (5, 12))
+    labels = tokens.clone()
+    labels[1, 4:] = -100
+    assert (loop.next_token_targets(labels) != -100).sum() == 4 * 11 + 3
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100).item()
+    accelerator = Accelerator(cpu=True)
+    rows = [{"input_ids": tokens[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, 5, 2)]  # 2 + 2 + 1
+    assert loop.evaluate(accelerator, accelerator.prepare(model), rows, None) == pytest.approx(expected, rel=1e-6)
+    assert loop.evaluate(accelerator, model, rows[:1], 1) == pytest.approx(
+        F.cross_entropy(logits[:2, :-1].flatten(0, 1), labels[:2, 1:].flatten(), ignore_index=-100).item(), rel=1e-6
+    )
+
+
+def test_data_dir_flag_sets_the_data_root(tmp_path, capsys):
+    for flag in ("--data-dir", "--data_root"):  # the older spelling still works
+        assert pretrain.parse_args(["--config", "c.yaml", flag, str(tmp_path)]).data_dir == str(tmp_path)
+    assert pretrain.parse_args(["--config", "c.yaml"]).output_dir == str(Path("runs") / "c")  # under the cwd
+
+
 def test_config_errors_are_clear(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model_type: attn_stream\ntraining: {learning_rat: 1}\n")
     with pytest.raises(ValueError, match="unknown key.*learning_rat"):
-        pretrain.load_config(path)
+        load_config(path)
     path.write_text("model_type: not_a_family\nmodel: {}\n")
     with pytest.raises(ValueError, match="not registered"):
-        pretrain.build_model_config(pretrain.load_config(path))
+        build_model_config(load_config(path))
     with pytest.raises(ValueError, match="KEY=VALUE"):
-        pretrain.load_config(CONFIGS / "tiny-attn_stream.yaml", ["training.seed"])
-    config = pretrain.load_config(
-        CONFIGS / "tiny-attn_stream.yaml", ["training.mixed_precision=no", "data.block_size=8"]
-    )
+        load_config(CONFIGS / "tiny-attn_stream.yaml", ["training.seed"])
+    config = load_config(CONFIGS / "tiny-attn_stream.yaml", ["training.mixed_precision=no", "data.block_size=8"])
     assert config["training"]["mixed_precision"] == "no" and config["data"]["block_size"] == 8
 
 
 def test_bad_values_and_unknown_model_keys_are_named(tmp_path):
     tiny = CONFIGS / "tiny-attn_stream.yaml"
     # every training key is type-checked: by its default's type, or as nullable
-    assert set(pretrain.TRAINING_NULLABLE) <= set(pretrain.TRAINING_DEFAULTS)
-    for key, default in pretrain.TRAINING_DEFAULTS.items():
-        if default is not None or key in pretrain.TRAINING_NULLABLE:
+    assert set(TRAINING_NULLABLE) <= set(TRAINING_DEFAULTS)
+    for key, default in TRAINING_DEFAULTS.items():
+        if default is not None or key in TRAINING_NULLABLE:
             with pytest.raises(ValueError, match=rf"training\.{key} must be"):
-                pretrain.load_config(tiny, [f"training.{key}=[1]"])
-    assert pretrain.load_config(tiny, ["training.max_grad_norm=null"])["training"]["max_grad_norm"] is None
+                load_config(tiny, [f"training.{key}=[1]"])
+    assert load_config(tiny, ["training.max_grad_norm=null"])["training"]["max_grad_norm"] is None
     with pytest.raises(ValueError, match=r"training\.batch_size must be an integer, got 'abc' \(str\)"):
         pretrain.main(["--config", str(tiny), "--set", "training.batch_size=abc", "--dry_run"])
     with pytest.raises(ValueError, match=r"training\.learning_rate must be a number, got 'fast'"):
-        pretrain.load_config(tiny, ["training.learning_rate=fast"])
+        load_config(tiny, ["training.learning_rate=fast"])
     with pytest.raises(ValueError, match=r"training\.fused_adamw must be true or false, got 'maybe'"):
-        pretrain.load_config(tiny, ["training.fused_adamw=maybe"])
+        load_config(tiny, ["training.fused_adamw=maybe"])
     with pytest.raises(ValueError, match=r"training\.eval_batch_size must be an integer or null, got 2\.5"):
-        pretrain.load_config(tiny, ["training.eval_batch_size=2.5"])
-    config = pretrain.load_config(tiny, ["training.learning_rate=1e-3", "training.eval_batch_size=null"])
+        load_config(tiny, ["training.eval_batch_size=2.5"])
+    config = load_config(tiny, ["training.learning_rate=1e-3", "training.eval_batch_size=null"])
     assert config["training"]["learning_rate"] == 1e-3  # YAML 1.1 reads 1e-3 as a string; it is taken as a number
     assert config["training"]["eval_batch_size"] is None
 
     hint = r"`model` \(AttnStreamConfig\): unknown key\(s\) 'hiden_size' \(did you mean 'hidden_size'\?\)"
     with pytest.raises(ValueError, match=hint):
-        pretrain.load_config(tiny, ["model.hiden_size=64"])
+        load_config(tiny, ["model.hiden_size=64"])
     path = tmp_path / "typo.yaml"
     path.write_text("model_type: palimpsa\nmodel: {num_haeds: 2, head_dim: 16}\n")
     with pytest.raises(
         ValueError, match=r"`model` \(PalimpsaConfig\): unknown key\(s\) 'num_haeds' \(did you mean 'num_heads'"
     ):
-        pretrain.load_config(path)
+        load_config(path)
     with pytest.raises(ValueError, match=r"`training`: unknown key\(s\) 'lr'"):
-        pretrain.load_config(tiny, ["training.lr=0.1"])
+        load_config(tiny, ["training.lr=0.1"])
     for name in ("tiny-attn_stream", "tiny-palimpsa", "attn_stream-1b", "palimpsa-8m"):  # shipped configs still load
-        pretrain.load_config(CONFIGS / f"{name}.yaml", ["model.dtype=float32"])
+        load_config(CONFIGS / f"{name}.yaml", ["model.dtype=float32"])
 
 
 def test_accelerate_configs_parse():

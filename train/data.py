@@ -1,27 +1,21 @@
-"""Pretraining data: corpus cleaning, document loading through `datasets`, tokenization and packing.
+"""Pretraining data: the `data` section of a config, the corpus cached through `datasets`, tokenization, packing
+and the loaders.
 
-Two cached stages, both `datasets` Arrow tables under `cache_dir` (default: the `datasets` cache in the
-user's home, never the repository), each keyed by a fingerprint of everything it depends on:
+What a document is (readers, Gutenberg cleaning, chunking, the content-hashed held-out split) is the corpus's
+business, `amformers.corpus`; this module turns those documents into training blocks. Two cached stages, both
+`datasets` Arrow tables under `cache_dir` (default: the `datasets` cache in the user's home, never the
+repository), each keyed by a fingerprint of everything it depends on:
 
-    files --read, split on <|endoftext|>, clean, chunk, assign split--> documents {text, source, split}
+    files --amformers.corpus: read, clean, chunk, assign split--> documents {text, source, split}
     documents --shuffle(seed), tokenize (bos + text), append eos, concatenate, cut--> blocks {input_ids}
 
-A source is a `.txt` file (documents separated by `<|endoftext|>`, or the whole file is one document), a
-JSON Lines file with a text field, or a folder or glob of such files. So the full TinyStories, or any
-corpus in those formats, trains by pointing a config at it. Gutenberg books get `clean: gutenberg`
-(unwrap hard-wrapped paragraphs, drop tables of contents and `[Illustration]` tags) and `chunk_chars`
-(cut into documents of about that many characters at paragraph boundaries). Validation documents are
-either a whole source (`split: validation`) or a deterministic hash-chosen fraction of one
-(`split: holdout`), so the split never depends on file order, seeds or chunk boundaries elsewhere.
+Then `build_loaders` deals the blocks in an order that depends only on (seed, epoch), so a resumed run sees the
+same batches.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
-import os
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -31,64 +25,22 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
 
-END_OF_TEXT = "<|endoftext|>"
-TEXT_SUFFIXES = (".txt",)
-JSONL_SUFFIXES = (".jsonl", ".json")
-SPLITS = ("train", "validation", "holdout")
-CLEANERS = ("none", "gutenberg")
-# Folders of ../shared/data that hold evaluation sets: training on them would leak the benchmarks.
-EVAL_ONLY_FOLDERS = ("babi", "blimp")
+from .. import corpus
+from ..corpus import DataSource, data_dir, resolve_source_files, source_documents
+
 # Documents tokenized and packed per `map` batch; the tail of each batch (< one block) is dropped,
 # which costs under 0.1% of the tokens at this size.
 PACK_BATCH_DOCUMENTS = 2000
 
 DOCUMENT_FEATURES = Features({"text": Value("string"), "source": Value("string"), "split": Value("string")})
 
-# Any edit to this file changes the fingerprints, so caches built by older code are never reused.
-_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-
-
-def default_data_root() -> Path:
-    """`$AMFORMERS_DATA_DIR`, else `../shared/data` beside the repository checkout."""
-    if os.environ.get("AMFORMERS_DATA_DIR"):
-        return Path(os.environ["AMFORMERS_DATA_DIR"]).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Any edit to this file or to the corpus reader changes the fingerprints, so caches built by older code are never
+# reused.
+_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes() + Path(corpus.__file__).read_bytes()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
-
-
-@dataclass(frozen=True)
-class DataSource:
-    """One corpus in the mix. `path` is a file, folder or glob, absolute or relative to the data root."""
-
-    path: str
-    split: str = "train"
-    name: str | None = None
-    clean: str = "none"
-    chunk_chars: int | None = None
-    valid_fraction: float = 0.01
-    text_field: str = "text"
-    max_documents: int | None = None
-
-    def __post_init__(self):
-        if self.split not in SPLITS:
-            raise ValueError(f"data source {self.path!r}: `split` must be one of {SPLITS}, got {self.split!r}.")
-        if self.clean not in CLEANERS:
-            raise ValueError(f"data source {self.path!r}: `clean` must be one of {CLEANERS}, got {self.clean!r}.")
-        if self.chunk_chars is not None and self.chunk_chars < 1:
-            raise ValueError(f"data source {self.path!r}: `chunk_chars` must be positive, got {self.chunk_chars}.")
-        if not 0.0 < self.valid_fraction < 1.0:
-            raise ValueError(
-                f"data source {self.path!r}: `valid_fraction` must be in (0, 1), got {self.valid_fraction}."
-            )
-        if self.max_documents is not None and self.max_documents < 1:
-            raise ValueError(f"data source {self.path!r}: `max_documents` must be positive.")
-
-    @property
-    def label(self) -> str:
-        return self.name or Path(self.path.rstrip("/*")).stem or self.path
 
 
 @dataclass
@@ -125,227 +77,14 @@ class DataConfig:
         return config
 
     def resolved_root(self) -> Path:
-        return Path(os.path.expandvars(self.root)).expanduser() if self.root else default_data_root()
-
-
-def resolve_source_files(source: DataSource, root: Path) -> list[Path]:
-    """The files a source names, sorted, so that the document order is the same on every machine."""
-    path = Path(os.path.expandvars(source.path)).expanduser()
-    if not path.is_absolute():
-        if not root.is_dir():
-            raise FileNotFoundError(
-                f"data source {source.path!r} is relative to the data root {root}, which does not exist. Set "
-                "`data.root` in the config, pass --data_root, or set AMFORMERS_DATA_DIR."
-            )
-        path = root / path
-    lowered = {part.lower() for part in path.parts}
-    for folder in EVAL_ONLY_FOLDERS:
-        if folder in lowered:
-            raise ValueError(
-                f"data source {path} is inside {folder}/, which is evaluation data: training or validating on it "
-                "would contaminate the benchmarks."
-            )
-    suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    else:
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-    files = [f for f in files if f.suffix.lower() in suffixes]
-    if not files:
-        raise FileNotFoundError(f"data source {path} matches no .txt/.jsonl/.json file.")
-    return files
-
-
-# ----------------------------------------------------------------------------------------------------
-# Cleaning and chunking
-
-_ILLUSTRATION = re.compile(r"\[Illustration[^\]]*\]", re.IGNORECASE)
-_ITALICS = re.compile(r"(?<![\w_])_(\S(?:[^_\n]*?\S)?)_(?![\w_])")
-_BLANK_LINES = re.compile(r"\n[ \t]*\n")
-_CONTENTS_HEADING = re.compile(
-    r"^\s*(?:table of )?contents[.:]?\s*$"
-    r"|^\s*(?:list of )?(?:illustrations|chapters)[.:]?\s*$"
-    r"|^\s*a list of the [\w ]+\s*$",
-    re.IGNORECASE,
-)
-_TABLE_LINE = re.compile(r"\S\s{3,}\S|(?:\s\.){3,}|\.{4,}|\s{2,}\d+\s*$")
-_SENTENCE_END = re.compile(r"[.!?][\"'’”)]?(\s|$)")
-_ENDS_LIKE_TEXT = re.compile(r"[.!?,;:—-][\"'’”)\]]*$")
-# This many title-like one-line paragraphs in a row are a list of chapters or stories, not text.
-MIN_TITLE_RUN = 6
-
-
-def _is_table(lines: list[str]) -> bool:
-    """Lines laid out in columns (dot leaders, page numbers, wide gaps): a table of contents or an index."""
-    if not any("  " in line.strip() or ". ." in line or "...." in line for line in lines):
-        return False  # fast path: ordinary prose has none of a table's gaps or dot leaders
-    hits = sum(bool(_TABLE_LINE.search(line)) for line in lines if line.strip())
-    return hits * 2 >= max(1, sum(bool(line.strip()) for line in lines))
-
-
-def _is_verse(lines: list[str]) -> bool:
-    """Every line indented: verse or a letter's address block, whose line breaks carry meaning."""
-    return all(line.startswith("  ") for line in lines if line.strip())
-
-
-def _is_prose(paragraph: str, lines: list[str]) -> bool:
-    """Running text: long, with a sentence end, mostly lower case, not laid out as a table or a list."""
-    if len(paragraph) < 60 or _SENTENCE_END.search(paragraph) is None:
-        return False
-    letters = [c for c in paragraph if c.isalpha()]
-    if sum(c.islower() for c in letters) < 0.5 * len(letters):
-        return False
-    indented = sum(line[:1].isspace() for line in lines)
-    return indented * 2 < len(lines) and not _is_table(lines)
-
-
-def clean_gutenberg(text: str) -> str:
-    """Project Gutenberg plain text to clean paragraphs, one per line.
-
-    Hard-wrapped lines are joined (verse keeps its line breaks), `[Illustration...]` tags, `_italic_`
-    markers and tables (contents, lists of illustrations, anything with dot leaders or page numbers)
-    are removed. Everything from a "Contents" heading up to the first real prose paragraph is dropped.
-    """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _ILLUSTRATION.sub("", text)
-    paragraphs = []
-    skipping_contents = False
-    for block in _BLANK_LINES.split(text):
-        lines = [line.rstrip() for line in block.split("\n") if line.strip()]
-        if not lines:
-            continue
-        joined = " ".join(line.strip() for line in lines)
-        if _CONTENTS_HEADING.match(joined):
-            skipping_contents = True
-            continue
-        if skipping_contents:
-            if not _is_prose(joined, lines):
-                continue
-            skipping_contents = False
-        if _is_table(lines):
-            continue
-        if _is_verse(lines) and len(lines) > 1:
-            paragraph = "\n".join(" ".join(line.split()) for line in lines)
-        else:
-            paragraph = " ".join(joined.split())
-        paragraph = _ITALICS.sub(r"\1", paragraph)
-        if paragraph:
-            paragraphs.append(paragraph)
-    return "\n".join(_drop_title_runs(paragraphs))
-
-
-def _is_title_like(paragraph: str) -> bool:
-    """(Nearly) every line short and unpunctuated, like chapter titles or title-page lines."""
-    lines = paragraph.split("\n")
-    titles = sum(len(line) < 80 and not _ENDS_LIKE_TEXT.search(line) for line in lines)
-    return titles >= 0.8 * len(lines)
-
-
-def _drop_title_runs(paragraphs: list[str]) -> list[str]:
-    """Drop runs of MIN_TITLE_RUN or more title-like lines: contents without a heading, title pages."""
-    kept, run, run_lines = [], [], 0
-    for paragraph in paragraphs + [None]:
-        if paragraph is not None and _is_title_like(paragraph):
-            run.append(paragraph)
-            run_lines += paragraph.count("\n") + 1
-            continue
-        if run_lines < MIN_TITLE_RUN:
-            kept.extend(run)
-        run, run_lines = [], 0
-        if paragraph is not None:
-            kept.append(paragraph)
-    return kept
-
-
-def chunk_document(text: str, chunk_chars: int) -> list[str]:
-    """Cut at paragraph (line) boundaries into pieces of at least `chunk_chars` characters.
-
-    A short tail (under a quarter of `chunk_chars`) joins the previous piece rather than standing alone.
-    """
-    chunks, current, size = [], [], 0
-    for paragraph in text.split("\n"):
-        if not paragraph.strip():
-            continue
-        size += len(paragraph) + (1 if current else 0)  # the joined length, newlines included
-        current.append(paragraph)
-        if size >= chunk_chars:
-            chunks.append("\n".join(current))
-            current, size = [], 0
-    if current:
-        if chunks and size < chunk_chars // 4:
-            chunks[-1] = chunks[-1] + "\n" + "\n".join(current)
-        else:
-            chunks.append("\n".join(current))
-    return chunks
-
-
-def is_heldout(text: str, fraction: float) -> bool:
-    """Deterministic validation membership from the whitespace-normalised text's SHA-256."""
-    digest = hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
-    return int(digest, 16) % 1_000_000 < round(fraction * 1_000_000)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading files
-
-
-def _text_file_documents(path: Path) -> Iterator[str]:
-    """Documents of a .txt file: split on <|endoftext|> when present, else the whole file."""
-    buffer: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            if END_OF_TEXT not in line:
-                buffer.append(line)
-                continue
-            *complete, rest = line.split(END_OF_TEXT)
-            for piece in complete:
-                buffer.append(piece)
-                yield "".join(buffer)
-                buffer = []
-            buffer.append(rest)
-    yield "".join(buffer)
-
-
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number} is not valid JSON Lines: {error}") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise ValueError(f"{path}:{number} has no {text_field!r} field (set `text_field` for this source).")
-            yield str(record[text_field])
+        """`root` if the config (or --data-dir) sets it, else the corpus's data folder (see `amformers.corpus`)."""
+        return data_dir(self.root)
 
 
 def _generate_documents(files: list[str], source: dict, code_version: str) -> Iterator[dict]:
-    """`datasets` generator: one row per document, with its split already decided."""
-    spec = DataSource(**source)
-    count = 0
-    for file in files:
-        path = Path(file)
-        if path.suffix.lower() in JSONL_SUFFIXES:
-            raw_documents = _jsonl_documents(path, spec.text_field)
-        else:
-            raw_documents = _text_file_documents(path)
-        for raw in raw_documents:
-            text = clean_gutenberg(raw) if spec.clean == "gutenberg" else raw.strip()
-            pieces = chunk_document(text, spec.chunk_chars) if spec.chunk_chars else [text]
-            for piece in pieces:
-                piece = piece.strip()
-                if not piece:
-                    continue
-                split = spec.split
-                if split == "holdout":
-                    split = "validation" if is_heldout(piece, spec.valid_fraction) else "train"
-                yield {"text": piece, "source": spec.label, "split": split}
-                count += 1
-                if spec.max_documents is not None and count >= spec.max_documents:
-                    return
+    """`datasets` generator (picklable arguments): the corpus documents of one source, split decided.
+    `code_version` is only there to key the cache."""
+    yield from source_documents(DataSource(**source), [Path(f) for f in files])
 
 
 def load_source(source: DataSource, root: Path, cache_dir: str | None = None, num_proc: int | None = None) -> Dataset:
@@ -494,3 +233,44 @@ def dataset_summary(dataset: Dataset | None) -> dict:
         return {"blocks": 0, "tokens": 0}
     block_size = len(dataset[0]["input_ids"]) if len(dataset) else 0
     return {"blocks": len(dataset), "tokens": len(dataset) * block_size}
+
+
+def build_loaders(
+    train_blocks: Dataset,
+    valid_blocks: Dataset | None,
+    batch_size: int,
+    seed: int,
+    eval_batch_size: int | None = None,
+    num_workers: int = 0,
+):
+    """(train loader, its sampler, validation loader or None), before `Accelerator.prepare`: training blocks in
+    an order fixed by (seed, epoch), full batches only; validation blocks in order."""
+    sampler = EpochShuffleSampler(len(train_blocks), seed)
+    train_loader = torch.utils.data.DataLoader(
+        train_blocks,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_blocks,
+        num_workers=num_workers,
+    )
+    valid_loader = None
+    if valid_blocks is not None:
+        valid_loader = torch.utils.data.DataLoader(
+            valid_blocks, batch_size=eval_batch_size or batch_size, shuffle=False, collate_fn=collate_blocks
+        )
+    return train_loader, sampler, valid_loader
+
+
+def micro_batches(accelerator, loader, sampler: EpochShuffleSampler, start: int) -> Iterator[dict]:
+    """Micro-batches of a prepared loader forever, epoch after epoch, after the first `start` ones (per process):
+    a resumed run continues exactly where the interrupted one stopped."""
+    per_epoch = len(loader)
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        current = accelerator.skip_first_batches(loader, skip) if skip else loader
+        # DataLoaderShard re-seeds the sampler from its own epoch counter at each `iter`; pin both.
+        current.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        yield from current
+        epoch, skip = epoch + 1, 0

@@ -20,19 +20,25 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from importlib import resources
 from pathlib import Path
 
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from .data import END_OF_TEXT, DataConfig, load_documents
+from ..corpus import END_OF_TEXT, add_data_dir_argument
+from .data import DataConfig, load_documents
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", END_OF_TEXT
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2, in this order
 DEFAULT_VOCAB_SIZE = 8192
-DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "attn_stream-8m.yaml"
+# Package data of amformers.train: the shipped tokenizer and the config whose training split it was trained on.
+DEFAULT_TOKENIZER_DIR = Path(str(resources.files("amformers.train").joinpath("tokenizer")))
+DEFAULT_CONFIG = Path(str(resources.files("amformers.train").joinpath("configs", "attn_stream-8m.yaml")))
+# Where `main` writes a retrained tokenizer unless told: relative to the current directory, which in a checkout of
+# the repository is the shipped tokenizer's folder.
+DEFAULT_OUTPUT_DIR = Path("train") / "tokenizer"
 
 
 def train_tokenizer(
@@ -96,19 +102,21 @@ def _text_batches(dataset, batch_size: int = 1000) -> Iterator[list[str]]:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pretraining YAML whose `data` to train on")
-    parser.add_argument("--data_root", default=None, help="overrides the config's data.root")
+    add_data_dir_argument(parser)  # overrides the config's data.root
     parser.add_argument("--cache_dir", default=None, help="datasets cache (default: the datasets default)")
     parser.add_argument("--vocab_size", type=int, default=DEFAULT_VOCAB_SIZE)
     parser.add_argument("--min_frequency", type=int, default=2)
     parser.add_argument("--model_max_length", type=int, default=2048)
-    parser.add_argument("--output_dir", default=str(DEFAULT_TOKENIZER_DIR))
+    parser.add_argument(
+        "--output_dir", default=str(DEFAULT_OUTPUT_DIR), help="default: train/tokenizer under the current directory"
+    )
     args = parser.parse_args(argv)
 
     with open(args.config, encoding="utf-8") as handle:
         raw = yaml.safe_load(handle) or {}
     data_config = DataConfig.from_dict(raw.get("data", {}))
-    if args.data_root:
-        data_config.root = args.data_root
+    if args.data_dir:
+        data_config.root = args.data_dir
     if args.cache_dir:
         data_config.cache_dir = args.cache_dir
 

@@ -10,7 +10,7 @@ import amformers
 from amformers import PalimpsaConfig, PalimpsaForCausalLM, PalimpsaModel
 from amformers.modeling.compat import CACHE_NAME
 from amformers.modeling.kernels.palimpsa import palimpsa_reference
-from amformers.modeling.modeling_palimpsa import PalimpsaCache
+from amformers.modeling.palimpsa_cache import PalimpsaCache
 
 VARIANTS = {
     "palimpsa": {},

@@ -187,10 +187,10 @@ def test_empty_sequence_passes_the_state_through():
 
 def test_triton_impl_refuses_clearly_when_it_cannot_run(monkeypatch):
     q, k, v, beta, log_alpha, _ = make_inputs(B=1, T=4, H=1, K=4, V=4, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match='impl="chunk"'):
+    with pytest.raises(RuntimeError, match="need a CUDA GPU.*impl='chunk'"):
         palimpsa_attention(q, k, v, beta, log_alpha, impl="triton")  # CPU tensors, no interpreter
     monkeypatch.setitem(sys.modules, "amformers.modeling.kernels.palimpsa_triton", None)  # as if not installed
-    with pytest.raises(RuntimeError, match='unavailable.*impl="chunk"'):
+    with pytest.raises(RuntimeError, match="needs Triton, which is not installed.*impl='chunk'"):
         palimpsa_attention(q, k, v, beta, log_alpha, impl="triton")
 
 

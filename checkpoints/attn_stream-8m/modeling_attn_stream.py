@@ -37,7 +37,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_attn_stream import AttnStreamConfig
 from .compat import CACHE_NAME, legacy_cache_name, resolve_cache, with_cache
 from .input_checks import check_labels, check_model_inputs
-from .remote_code import write_remote_code
+from .remote_code import SavesRemoteCode
 
 logger = logging.get_logger(__name__)
 
@@ -187,7 +187,7 @@ class AttnStreamDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, raw
 
 
-class AttnStreamPreTrainedModel(PreTrainedModel):
+class AttnStreamPreTrainedModel(SavesRemoteCode, PreTrainedModel):
     config: AttnStreamConfig
     config_class = AttnStreamConfig
     base_model_prefix = "model"
@@ -208,16 +208,8 @@ class AttnStreamPreTrainedModel(PreTrainedModel):
             init.constant_(module.stream_weights[0], w_own)
             init.constant_(module.stream_weights[1], w_src)
 
-    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the model's source so `trust_remote_code=True` loads it."""
-        if is_main_process:
-            write_remote_code(
-                save_directory,
-                type(self),
-                self.config,
-                {"AutoModel": AttnStreamModel, "AutoModelForCausalLM": AttnStreamForCausalLM},
-            )
-        return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+    def remote_code_classes(self) -> dict[str, type]:
+        return {"AutoModel": AttnStreamModel, "AutoModelForCausalLM": AttnStreamForCausalLM}
 
 
 class AttnStreamModel(AttnStreamPreTrainedModel):

@@ -73,6 +73,20 @@ def write_remote_code(save_directory: str | Path, model_class: type, config, aut
     config.auto_map = auto_map
 
 
+class SavesRemoteCode:
+    """Mixin placed before `PreTrainedModel`: `save_pretrained` also writes the model's flattened source and points
+    `config.auto_map` at it, so `trust_remote_code=True` loads the folder. The model names its Auto classes in
+    `remote_code_classes()`."""
+
+    def remote_code_classes(self) -> dict[str, type]:
+        raise NotImplementedError(f"{type(self).__name__} must name the classes its remote code provides.")
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        if is_main_process:
+            write_remote_code(save_directory, type(self), self.config, self.remote_code_classes())
+        return super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+
+
 def refresh_remote_code(save_directory: str | Path, model_class: type) -> list[str]:
     """Rewrite the code files of a saved folder from the installed source (weights and config untouched) and remove
     `.py` files the model no longer imports, so a shipped checkpoint's remote code follows the package's fixes.

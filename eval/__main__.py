@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--name", help="results sub-folder (default: the model directory's name)")
         sub.add_argument("--data-dir", help=f"data folder (default: ${DATA_DIR_ENV}, else ../shared/data)")
         sub.add_argument("--trust-remote-code", action="store_true", help="load through the directory's code")
-        sub.add_argument("--quiet", action="store_true", help="no progress bars (they only show on a terminal)")
+        sub.add_argument(
+            "--quiet", action="store_true", help="no progress bars of ours (only on a terminal; TQDM_DISABLE=1: none)"
+        )
         adders = [_suite(name)[1]] if name in SUITES else list(dict.fromkeys(_suite(s)[1] for s in SUITES))
         for add in adders:
             add(sub)
@@ -140,7 +142,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: {error}") from None
         return {}
     if args.quiet:
-        os.environ[QUIET_ENV] = "1"  # tqdm's own switch: our bars, lm-eval's and datasets' all stay off
+        os.environ[QUIET_ENV] = "1"  # our bars read it at run time (TQDM_DISABLE=1 before the command: every bar)
     args.command = shlex.join(["python", "-m", "amformers.eval", *argv])
     require_model_folder(args.model)  # before any suite reads its data
     names = list(SUITES) if args.suite == "all" else [args.suite]

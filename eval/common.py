@@ -8,6 +8,7 @@ on documents separated by that token: it is the "start of a story" state, and it
 of a sentence be scored.
 """
 
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import torch
 from ..model_folder import require_model_folder
 from .results import provenance, result_path, write_result
 
-# tqdm's own switch (read by every tqdm bar, ours and lm-eval's); `python -m amformers.eval --quiet` sets it.
+# tqdm's own switch, read when tqdm is imported (so it silences every bar when set before the command starts); our
+# bars also read it at run time, so `python -m amformers.eval --quiet`, which sets it, turns them off.
 QUIET_ENV = "TQDM_DISABLE"
 
 
@@ -32,7 +34,8 @@ def progress(iterable=None, *, total: int | None = None, desc: str | None = None
 
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    disable = None if desc else True  # None: tqdm turns itself off when stderr is not a TTY
+    # None: tqdm turns itself off when stderr is not a TTY
+    disable = True if not desc or os.environ.get(QUIET_ENV, "").lower() in ("1", "true") else None
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 

@@ -16,7 +16,10 @@ changes nothing.
 
     python -m amformers.model_card --results experiments/model_eval/results --checkpoints checkpoints/
 
-Both `amformers.train` and `amformers.eval` may import this module; it needs only the package's core dependencies.
+    python -m amformers.model_card --render checkpoints/*/     # re-render cards from each folder's files first
+
+Both `amformers.train` and `amformers.eval` may import this module; it needs only the package's core dependencies
+(`--render` imports `amformers.train.export`, which reads the folder the way the pretraining export writes it).
 """
 
 from __future__ import annotations
@@ -37,6 +40,48 @@ from .eval.results import IOI_HEADLINE_SET, METRICS, format_table, read_results
 # ---------------------------------------------------------------------------------------------------------------
 
 MODEL_CARD_TEMPLATE = "model_card_template.md"  # in the package `amformers.model_cards`
+
+# The transformers releases the test suite runs on, as the project states them: `requirements/lock.txt` pins the
+# low end of pyproject.toml's range (`make test`), and `make test-newest` upgrades to the newest release the
+# registry serves (README, "Quick start"). Cards show these; tests/test_cli.py checks the low end against the lock.
+TESTED_TRANSFORMERS = {"oldest": "5.23.0", "newest": "5.24.0"}
+
+_ATTN_STREAM_PAPER = ("Burns, Fukai & Earls", "2412.15113")
+_PALIMPSA_PAPER = ("Bonnet et al.", "2602.09075")
+
+
+def model_family(model_type: str, fields: dict) -> dict:
+    """The plain-words identity of a model for its card: {name, summary, paper, arxiv}."""
+    if model_type == "attn_stream":
+        if str(fields.get("attention_stream", "values")).lower() in ("none", "false", "off"):
+            summary = (
+                "the AttnStream transformer with its attention residual stream turned off, i.e. a plain Llama-style "
+                "decoder-only transformer: the baseline its stream variants are compared against"
+            )
+            return {"name": "AttnStream baseline", "summary": summary, "paper": _ATTN_STREAM_PAPER}
+        stream = fields.get("attention_stream", "values")
+        stream = {"values": "value", "keys": "key", "queries": "query"}.get(stream, stream)
+        summary = (
+            f"a Llama-style decoder-only transformer in which each attention head also receives the raw {stream} "
+            "projection of the same head in the previous layer (an attention residual stream, inspired by "
+            "associative memory)"
+        )
+        return {"name": "AttnStream", "summary": summary, "paper": _ATTN_STREAM_PAPER}
+    if model_type == "palimpsa":
+        if not fields.get("metaplastic", True):
+            summary = (
+                "Palimpsa's twin without metaplasticity: the importance state stays at its prior, so each layer is "
+                "plain gated linear attention (a recurrent model with a fixed-size memory); the ablation Palimpsa is "
+                "compared against"
+            )
+            return {"name": "NotPalimpsa", "summary": summary, "paper": _PALIMPSA_PAPER}
+        summary = (
+            "a recurrent language model whose layers are metaplastic gated linear attention: a fixed-size "
+            "associative memory per head, paired with an importance state that makes well-used memories harder to "
+            "overwrite"
+        )
+        return {"name": "Palimpsa", "summary": summary, "paper": _PALIMPSA_PAPER}
+    return {"name": model_type, "summary": f"an amformers `{model_type}` model", "paper": None}
 
 
 def model_card_template() -> str:
@@ -84,6 +129,8 @@ def write_model_card(folder: str | Path, config: dict, context: dict, repo_id: s
         "repo_id": repo_id or str(folder),
         "model_name": repo_id.split("/")[-1] if repo_id else folder.name,
         "description": config["description"],
+        "family": model_family(config["model_type"], config.get("model") or {}),
+        "tested_transformers": TESTED_TRANSFORMERS,
         **context,
     }
     model_card = ModelCard.from_template(card_data, template_str=model_card_template(), **kwargs)
@@ -338,15 +385,54 @@ def write_cards(checkpoints: str | Path, results: str | Path) -> list[Path]:
     return written
 
 
+def render_cards(folders: list[str | Path], repo_id: str | None = None) -> list[Path]:
+    """Re-render the card of each saved run / checkpoint folder from its own files (what the pretraining export
+    does at the end of a run); the evaluation block comes back empty: fill it with `write_cards`."""
+    from .train.export import write_folder_card
+
+    if repo_id and len(folders) > 1:
+        raise ValueError("--repo-id names one model: render one folder with it.")
+    written = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder (expected a pretraining run or checkpoint folder).")
+        written.append(write_folder_card(folder, repo_id=repo_id))
+    return written
+
+
+EXAMPLES = """examples:
+  python -m amformers.model_card --results experiments/model_eval/results --checkpoints checkpoints/
+  python -m amformers.model_card --render checkpoints/*/
+
+--render rewrites README.md from the template and the folder's files (train_config.yaml, metrics.jsonl,
+samples.json, generation_config.json, training_summary.json); weights, config and code are left alone.
+--results/--checkpoints then fill each card's evaluation block, model-index and eval_results.json."""
+
+
 def main(argv=None) -> list[Path]:
     parser = argparse.ArgumentParser(
-        prog="python -m amformers.model_card", description="Write each checkpoint's evaluation results into its card."
+        prog="python -m amformers.model_card",
+        description="Render model cards and write each checkpoint's evaluation results into its card.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--results", type=Path, required=True, help="folder of <model>/<suite>.json result files")
-    parser.add_argument("--checkpoints", type=Path, required=True, help="folder of checkpoint folders (<model>/)")
+    parser.add_argument("--render", nargs="+", type=Path, metavar="FOLDER", help="re-render these folders' cards")
+    parser.add_argument("--repo-id", help="Hub repository named in the card's code (default: the folder's path)")
+    parser.add_argument("--results", type=Path, help="folder of <model>/<suite>.json result files")
+    parser.add_argument("--checkpoints", type=Path, help="folder of checkpoint folders (<model>/)")
     args = parser.parse_args(argv)
-    written = write_cards(args.checkpoints, args.results)
-    for path in written:
+    if (args.results is None) != (args.checkpoints is None):
+        parser.error("--results and --checkpoints go together")
+    if not args.render and args.results is None:
+        parser.error("nothing to do: give --render FOLDER..., or --results and --checkpoints (or both)")
+    try:
+        written = render_cards(args.render, args.repo_id) if args.render else []
+        if args.results is not None:
+            written += write_cards(args.checkpoints, args.results)
+    except (FileNotFoundError, ValueError) as error:
+        parser.exit(2, f"error: {error}\n")
+    for path in dict.fromkeys(written):
         print(f"wrote {path}")
     return written
 

@@ -65,9 +65,11 @@ def prompt_for(question: dict) -> str:
     return PROMPT.format(story=" ".join(question["story"]), question=question["question"])
 
 
-def evaluate_task(model, tokenizer, questions: list[dict], candidates: list[str], batch_size: int = 16) -> dict:
+def evaluate_task(
+    model, tokenizer, questions: list[dict], candidates: list[str], batch_size: int = 16, desc: str | None = None
+) -> dict:
     pairs = [(prompt_for(q), " " + c) for q in questions for c in candidates]
-    scores = score_continuations(model, tokenizer, pairs, batch_size=batch_size)
+    scores = score_continuations(model, tokenizer, pairs, batch_size=batch_size, desc=desc)
     correct = []
     for i, q in enumerate(questions):
         row = scores[i * len(candidates) : (i + 1) * len(candidates)]
@@ -83,13 +85,15 @@ def evaluate_task(model, tokenizer, questions: list[dict], candidates: list[str]
 
 def evaluate(model, tokenizer, folder, limit: int | None = None, tasks=None, batch_size=16) -> dict:
     per_task = {}
-    for number, path in task_files(folder).items():
-        if tasks and number not in tasks:
-            continue
+    chosen = {number: path for number, path in task_files(folder).items() if not tasks or number in tasks}
+    for index, path in enumerate(chosen.values(), 1):
         questions = parse_task(path)
         candidates = sorted({q["answer"] for q in questions})  # from the whole file, before the limit
-        result = evaluate_task(model, tokenizer, questions[:limit] if limit else questions, candidates, batch_size)
-        per_task[path.name.removesuffix("_test.txt")] = result
+        name = path.name.removesuffix("_test.txt")
+        per_task[name] = evaluate_task(
+            model, tokenizer, questions[:limit] if limit else questions, candidates, batch_size,
+            desc=f"babi {name.split('_')[0]} ({index}/{len(chosen)})",
+        )  # fmt: skip
     by_number = defaultdict(list)
     for result in per_task.values():
         by_number["accuracy"].append(result["accuracy"])

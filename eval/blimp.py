@@ -45,7 +45,7 @@ def load_pairs(folder: str | Path, limit: int | None = None, paradigms=None) -> 
 
 def evaluate(model, tokenizer, pairs: list[dict], batch_size: int = 32) -> dict:
     texts = [("", p["good"]) for p in pairs] + [("", p["bad"]) for p in pairs]
-    scores = score_continuations(model, tokenizer, texts, batch_size=batch_size)
+    scores = score_continuations(model, tokenizer, texts, batch_size=batch_size, desc="blimp")
     correct = [good.logprob > bad.logprob for good, bad in zip(scores[: len(pairs)], scores[len(pairs) :])]
     by_uid, by_field, by_phenomenon = defaultdict(list), defaultdict(list), defaultdict(list)
     for pair, ok in zip(pairs, correct):

@@ -8,6 +8,7 @@ on documents separated by that token: it is the "start of a story" state, and it
 of a sentence be scored.
 """
 
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,25 @@ import torch
 
 from ..model_folder import require_model_folder
 from .results import provenance, result_path, write_result
+
+# tqdm's own switch, read when tqdm is imported (so it silences every bar when set before the command starts); our
+# bars also read it at run time, so `python -m amformers.eval --quiet`, which sets it, turns them off.
+QUIET_ENV = "TQDM_DISABLE"
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str | None = None, unit: str = "it"):
+    """The evaluation suites' progress bar: tqdm on stderr with a total (so it shows an ETA).
+
+    It draws only when stderr is a terminal (stdout, which tests and scripts parse, is never touched) and not
+    under `--quiet` ($TQDM_DISABLE). Without a `desc` there is no bar at all: inner loops stay silent.
+    """
+    from tqdm.auto import tqdm
+
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    # None: tqdm turns itself off when stderr is not a TTY
+    disable = True if not desc or os.environ.get(QUIET_ENV, "").lower() in ("1", "true") else None
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -70,9 +90,15 @@ class ContinuationScore:
 
 @torch.no_grad()
 def score_continuations(
-    model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16, max_length: int | None = None
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    batch_size: int = 16,
+    max_length: int | None = None,
+    desc: str | None = None,
 ) -> list[ContinuationScore]:
-    """Log-probability of each continuation given its context (an empty context is allowed)."""
+    """Log-probability of each continuation given its context (an empty context is allowed); `desc` names the
+    progress bar over the batches (none without it)."""
     prefix = prefix_token_id(tokenizer)
     max_length = model_max_length(model, max_length)
     requests = []
@@ -87,15 +113,15 @@ def score_continuations(
         if len(continuation_ids) >= len(ids):
             raise ValueError(f"Continuation of {len(continuation_ids)} tokens does not fit max_length={max_length}.")
         requests.append((ids, len(continuation_ids)))
-    return _score_requests(model, requests, batch_size, pad_id=prefix)
+    return _score_requests(model, requests, batch_size, pad_id=prefix, desc=desc)
 
 
-def _score_requests(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int):
+def _score_requests(model, requests: list[tuple[list[int], int]], batch_size: int, pad_id: int, desc=None):
     """Score the last `n` tokens of each id list; batches are right-padded (harmless for causal models)."""
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     scores: list[ContinuationScore | None] = [None] * len(requests)
     device = next(model.parameters()).device
-    for start in range(0, len(order), batch_size):
+    for start in progress(range(0, len(order), batch_size), desc=desc, unit="batch"):
         batch = [requests[i] for i in order[start : start + batch_size]]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

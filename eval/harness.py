@@ -1,9 +1,13 @@
 """The amformers lm-eval tasks (eval/tasks/*.yaml) run through lm-eval's Python API (HFLM).
 
-The same tasks run from the lm-eval CLI on any saved model directory (the directory carries our remote code):
+The same tasks run from the lm-eval CLI on any saved model directory (the directory carries our remote code), from
+any working directory (`python -m amformers.eval tasks-path` prints the installed task folder):
 
     lm-eval run --model hf --model_args pretrained=DIR,trust_remote_code=True \\
-        --include_path eval/tasks --tasks amformers_ioi amformers_tinystories_cloze amformers_blimp
+        --include_path "$(python -m amformers.eval tasks-path)" --tasks amformers --device cpu
+
+`--tasks amformers` (the tag) includes amformers_blimp, which reads BLiMP from the data folder: set
+AMFORMERS_DATA_DIR when running elsewhere than beside `../shared/data`, or name the other two tasks.
 
 Tasks: amformers_ioi (acc = IOI accuracy), amformers_blimp (acc over all 67 paradigms),
 amformers_tinystories_cloze (last-word cloze: acc and perplexity). `--limit` caps examples per task.

@@ -193,9 +193,9 @@ def wang_prompts(vocabulary: str = "tinystories", per_template: int = 10, seed: 
     return prompts
 
 
-def score_prompts(model, tokenizer, prompts: list[dict], batch_size: int = 16) -> list[dict]:
+def score_prompts(model, tokenizer, prompts: list[dict], batch_size: int = 16, desc: str | None = None) -> list[dict]:
     pairs = [(p["prompt"], " " + p["io"]) for p in prompts] + [(p["prompt"], " " + p["s"]) for p in prompts]
-    scores = score_continuations(model, tokenizer, pairs, batch_size=batch_size)
+    scores = score_continuations(model, tokenizer, pairs, batch_size=batch_size, desc=desc)
     rows = []
     for p, io_score, s_score in zip(prompts, scores[: len(prompts)], scores[len(prompts) :]):
         rows.append(
@@ -232,7 +232,7 @@ def evaluate(model, tokenizer, per_template: int = 10, seed: int = 0, limit: int
     }
     summary, per_prompt = {}, {}
     for name, prompts in sets.items():
-        rows = score_prompts(model, tokenizer, prompts[:limit] if limit else prompts, batch_size)
+        rows = score_prompts(model, tokenizer, prompts[:limit] if limit else prompts, batch_size, desc=f"ioi {name}")
         summary[name] = summarise(rows)
         per_prompt[name] = rows
     by_order = {}

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .. import corpus
-from .common import document_nll, load_model, save_result
+from .common import document_nll, load_model, progress, save_result
 from .results import format_table
 
 TINYSTORIES_VALID = corpus.data_dir() / "tinystories" / "valid.txt"
@@ -39,10 +39,11 @@ def heldout_book_chunks(limit: int | None = None) -> list[str]:
     return texts[:limit] if limit else texts
 
 
-def evaluate_documents(model, tokenizer, documents: list[str], max_length=None, stride=None) -> dict:
+def evaluate_documents(model, tokenizer, documents: list[str], max_length=None, stride=None, desc=None) -> dict:
+    """Summed NLL, tokens and bytes of `documents`, each scored on its own (`desc`: a progress bar over them)."""
     nll = tokens = 0.0
     num_bytes = 0
-    for document in documents:
+    for document in progress(documents, desc=desc, unit="doc"):
         doc_nll, doc_tokens = document_nll(model, tokenizer, document, max_length, stride)
         nll += doc_nll
         tokens += doc_tokens
@@ -85,7 +86,8 @@ def main(args) -> dict:
         )
     results = {}
     for name, (path, documents) in sources.items():
-        results[name] = {"path": path, **evaluate_documents(model, tokenizer, documents, args.max_length, args.stride)}
+        scored = evaluate_documents(model, tokenizer, documents, args.max_length, args.stride, f"perplexity {name}")
+        results[name] = {"path": path, **scored}
     print(
         format_table(
             [{"source": k, **v} for k, v in results.items()],

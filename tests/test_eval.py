@@ -4,6 +4,7 @@ logits we control, plus the lm-eval tasks through HFLM and through the lm-eval C
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -357,26 +358,55 @@ def test_lm_eval_tasks_through_hflm_agree_with_our_blimp(tiny_model, tmp_path, m
     assert results["amformers_tinystories_cloze"]["perplexity,none"] > 1.0
 
 
+def test_tasks_path_prints_the_installed_task_folder_and_nothing_else(tmp_path):
+    command = [sys.executable, "-m", "amformers.eval", "tasks-path"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = Path(done.stdout.strip())
+    assert done.stdout == f"{folder}\n" and folder.is_absolute()
+    assert {p.name for p in folder.glob("*.yaml")} == {
+        "amformers_ioi.yaml", "amformers_blimp.yaml", "amformers_tinystories_cloze.yaml"
+    }  # fmt: skip
+    assert (folder / "task_data.py").is_file() and (folder / "data" / "ioi.jsonl").is_file()
+
+
 def test_lm_eval_cli_runs_our_tasks_from_any_directory(tiny_model_dir, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cli = Path(sys.executable).with_name("lm-eval")
-    command = [
-        str(cli) if cli.exists() else "lm-eval",
-        "run",
-        "--model", "hf",
-        "--model_args", f"pretrained={tiny_model_dir},trust_remote_code=True",
-        "--include_path", str(REPO / "eval" / "tasks"),
-        "--tasks", "amformers_ioi",
-        "--limit", "2",
-        "--device", "cpu",
-        "--output_path", str(tmp_path / "out"),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    """The documented command, run outside the repository: the task folder comes from `tasks-path`, the tag
+    `amformers` runs all three tasks, IOI and cloze read their data beside the YAMLs and BLiMP reads
+    $AMFORMERS_DATA_DIR/blimp."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_blimp(tmp_path / "data" / "blimp")
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "AMFORMERS_DATA_DIR": str(tmp_path / "data"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }  # fmt: skip
+    env.pop("AMFORMERS_BLIMP_DIR", None)
+    command = (
+        "lm-eval run --model hf --model_args pretrained={model},trust_remote_code=True "
+        '--include_path "$(python -m amformers.eval tasks-path)" --tasks amformers --device cpu '
+        "--limit 2 --output_path {out}"
+    ).format(model=shlex.quote(str(tiny_model_dir)), out=shlex.quote(str(tmp_path / "out")))
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result_files = list((tmp_path / "out").rglob("results*.json"))
     assert result_files, done.stdout[-2000:]
-    acc = json.loads(result_files[0].read_text())["results"]["amformers_ioi"]["acc,none"]
-    assert acc in (0.0, 0.5, 1.0)
+    results = json.loads(result_files[0].read_text())["results"]
+    assert {"amformers_ioi", "amformers_blimp", "amformers_tinystories_cloze"} <= set(results)
+    assert results["amformers_ioi"]["acc,none"] in (0.0, 0.5, 1.0)
+    assert results["amformers_tinystories_cloze"]["perplexity,none"] > 1.0
+
+
+def test_lm_eval_blimp_without_data_names_the_fix(tmp_path, monkeypatch):
+    from amformers.eval.tasks import task_data
+
+    monkeypatch.delenv("AMFORMERS_BLIMP_DIR", raising=False)
+    monkeypatch.setenv("AMFORMERS_DATA_DIR", str(tmp_path))
+    assert task_data.blimp_dir() == tmp_path / "blimp"
+    with pytest.raises(FileNotFoundError, match="set AMFORMERS_DATA_DIR.*--tasks amformers_ioi"):
+        task_data.load_blimp()
 
 
 def test_report_renders_tables_from_results(tiny_model_dir, tmp_path):

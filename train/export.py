@@ -76,29 +76,114 @@ def plot_training_curve(records: list[dict], path: Path, title: str) -> Path | N
 
 
 def card_context(
-    config, accelerator, tokenizer, parameters, step, tokens_seen, val_loss, samples, records, curve=None
+    config: dict,
+    *,
+    parameters: int,
+    steps: int,
+    tokens_seen: int,
+    val_loss: float | None,
+    samples: list[dict],
+    generation: dict,
+    vocab_size: int,
+    processes: int = 1,
+    distributed_type: str | None = None,
+    curve: str | None = None,
+    summary: dict | None = None,
 ) -> dict:
-    """What the model card shows about a finished run (see `amformers.model_card.write_model_card`)."""
-    training = config["training"]
+    """What the model card shows about a finished run (see `amformers.model_card.write_model_card`).
+
+    `generation` is the saved generation config (what `generate()` does by default); `summary` the shipped
+    `training_summary.json` (training time, hardware note), when there is one.
+    """
     return {
         "model_type": config["model_type"],
         "model_fields": config["model"],
         "parameters": parameters,
-        "steps": step,
+        "steps": steps,
         "tokens_seen": tokens_seen,
         "val_loss": val_loss,
         "val_perplexity": math.exp(val_loss) if val_loss is not None else None,
-        "training": training,
-        "processes": accelerator.num_processes,
-        "distributed_type": getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type)),
+        "training": config["training"],
+        "processes": processes,
+        "distributed_type": distributed_type,
         "data_sources": config["data"].get("sources", []),
         "block_size": config["data"].get("block_size"),
-        "training_curve": curve.name if curve else None,
+        "training_curve": curve,
         "samples": samples,
-        "generation": config["generation"],
-        "vocab_size": len(tokenizer),
-        "train_records": len([r for r in records if r.get("type") == "train"]),
+        "generation": generation,
+        "vocab_size": vocab_size,
+        "train_hours": round(summary["train_seconds"] / 3600, 2) if summary and summary.get("train_seconds") else None,
+        "training_note": (summary or {}).get("note"),
     }
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def saved_parameters(folder: Path) -> int:
+    """The parameter count of the model saved in `folder` (config.json built on the meta device, as the pretraining
+    command counts it: a tied embedding once, buffers not at all)."""
+    from transformers import AutoConfig
+
+    import amformers  # noqa: F401  (registers the model types)
+
+    from .config import build_model, count_parameters
+
+    return count_parameters(build_model(AutoConfig.from_pretrained(str(folder)), device="meta"))
+
+
+def folder_card_context(folder: str | Path, **known) -> tuple[dict, dict]:
+    """(config, card context) of a saved run or shipped checkpoint, read from its files: `train_config.yaml`,
+    `metrics.jsonl`, `samples.json`, `generation_config.json`, the tokenizer, the weights and, when present,
+    `training_summary.json` and `training_curve.png`. `known` overrides what the folder cannot tell (the number
+    of processes and the distributed type of the run that is exporting itself, or its exact counts)."""
+    import yaml
+
+    folder = Path(folder)
+    missing = [
+        name
+        for name in ("train_config.yaml", "metrics.jsonl", "samples.json", "generation_config.json", "tokenizer.json")
+        if not (folder / name).is_file()
+    ]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}: not a finished pretraining run folder.")
+    from tokenizers import Tokenizer
+
+    config = yaml.safe_load((folder / "train_config.yaml").read_text(encoding="utf-8"))
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval" and r.get("val_loss") is not None]
+    if not train:
+        raise ValueError(f"{folder}/metrics.jsonl logs no training step.")
+    summary = _read_json(folder / "training_summary.json")
+    steps, tokens = train[-1]["step"], train[-1]["tokens"]
+    training, block_size = config["training"], config["data"]["block_size"]
+    per_process = int(training["batch_size"]) * int(training["gradient_accumulation_steps"]) * int(block_size)
+    generation = _read_json(folder / "generation_config.json")
+    fields = {
+        "steps": steps,
+        "tokens_seen": tokens,
+        "val_loss": max(evals, key=lambda r: r["step"])["val_loss"] if evals else None,
+        "samples": _read_json(folder / "samples.json"),
+        "generation": {key: generation.get(key) for key in ("do_sample", "temperature", "top_k", "max_new_tokens")},
+        "vocab_size": Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(),
+        "processes": max(1, tokens // steps // per_process),
+        "curve": "training_curve.png" if (folder / "training_curve.png").is_file() else None,
+        "summary": summary,
+        **known,
+    }
+    if fields.get("parameters") is None:
+        fields["parameters"] = saved_parameters(folder)
+    context = card_context(config, **fields)
+    return config, context
+
+
+def write_folder_card(folder: str | Path, repo_id: str | None = None, **known) -> Path:
+    """Render `folder/README.md` from the folder's own files (the card the pretraining export writes, and what
+    `python -m amformers.model_card --render FOLDER` rewrites for a shipped checkpoint)."""
+    config, context = folder_card_context(folder, **known)
+    return write_model_card(folder, config, context, repo_id=repo_id)
 
 
 def export_final_model(
@@ -120,16 +205,16 @@ def export_final_model(
         return
     tokenizer.save_pretrained(str(output_dir))
     records = metrics.read()
-    curve = plot_training_curve(records, output_dir / "training_curve.png", f"{config['model_type']} pretraining")
+    plot_training_curve(records, output_dir / "training_curve.png", f"{config['model_type']} pretraining")
     samples = sample_generations(
         output_dir, tokenizer, config["generation"], int(config["training"]["seed"]), accelerator.device
     )
     (output_dir / "samples.json").write_text(json.dumps(samples, indent=2) + "\n", encoding="utf-8")
-    context = card_context(
-        config, accelerator, tokenizer, parameters, step, tokens_seen, val_loss, samples=samples, records=records,
-        curve=curve,
+    distributed_type = getattr(accelerator.distributed_type, "value", str(accelerator.distributed_type))
+    write_folder_card(
+        output_dir, repo_id=repo_id, parameters=parameters, steps=step, tokens_seen=tokens_seen, val_loss=val_loss,
+        processes=accelerator.num_processes, distributed_type=distributed_type,
     )  # fmt: skip
-    write_model_card(output_dir, config, context, repo_id=repo_id)
     log(f"saved the final model, tokenizer, generation config, samples and model card to {output_dir}")
 
 

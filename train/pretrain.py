@@ -35,6 +35,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m amformers.train.pretrain",
         description="Pretrain an amformers model (any registered family) with Accelerate.",
+        epilog=(
+            "examples:\n"
+            "  python -m amformers.train.pretrain --config train/configs/tiny-attn_stream.yaml --max_steps 20 --cpu\n"
+            "  python -m amformers.train.pretrain --config train/configs/palimpsa-8m.yaml --dry_run\n"
+            "  accelerate launch -m amformers.train.pretrain --config train/configs/attn_stream-8m.yaml "
+            "--output_dir runs/a8m --cpu\n"
+            "\nA progress bar (stderr) shows the step, loss, learning rate, tokens/s and the ETA;\n"
+            "metrics.jsonl in the output folder logs every step."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="pretraining YAML (see train/configs/)")
     parser.add_argument("--output_dir", default=None, help="default: runs/<config name>")

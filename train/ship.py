@@ -125,11 +125,19 @@ def refresh_code(folders: list[str | Path]) -> None:
 def main(argv: list[str] | None = None) -> Path | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--refresh-code"]:
+        if not argv[1:]:
+            raise SystemExit("error: --refresh-code needs the checkpoint folders to refresh, e.g. checkpoints/*/")
         return refresh_code(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m amformers.train.ship",
         description=__doc__.splitlines()[0],
-        epilog="Or: python -m amformers.train.ship --refresh-code FOLDER... rewrites saved folders' remote code.",
+        epilog=(
+            "examples:\n"
+            "  python -m amformers.train.ship runs/attn_stream-8m checkpoints/attn_stream-8m\n"
+            "  python -m amformers.train.ship --refresh-code checkpoints/*/\n"
+            "\n--refresh-code FOLDER... rewrites saved folders' remote-code files from the installed package."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run", help="a finished pretraining output folder")
     parser.add_argument("destination", help="the checkpoint folder to write, e.g. checkpoints/attn_stream-8m")

@@ -100,7 +100,18 @@ def _text_batches(dataset, batch_size: int = 1000) -> Iterator[list[str]]:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m amformers.train.tokenizer",
+        description="Train the byte-level BPE tokenizer on a pretraining config's training split.",
+        epilog=(
+            "examples:\n"
+            "  python -m amformers.train.tokenizer\n"
+            "  python -m amformers.train.tokenizer --config train/configs/attn_stream-8m.yaml --vocab_size 4096 "
+            "--output_dir runs/tok4k\n"
+            "\nThe first writes the shipped tokenizer's folder (train/tokenizer under the current directory)."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="pretraining YAML whose `data` to train on")
     add_data_dir_argument(parser)  # overrides the config's data.root
     parser.add_argument("--cache_dir", default=None, help="datasets cache (default: the datasets default)")

@@ -3,13 +3,15 @@
 lm-eval resolves a YAML's relative `data_files` against the current working directory, so a task shipped with
 its data would only run from one folder. Instead each YAML names one of these functions; lm-eval imports this
 file by its path, and the functions find the data relative to this file, whatever the working directory.
-Standard library + `datasets` only: the lm-eval CLI process need not import amformers.
+Standard library + `datasets` (and `amformers.corpus` when it imports): the lm-eval CLI process need not have
+amformers.
 
 - IOI and the TinyStories cloze read `data/*.jsonl` next to this file (written by
   `python -m amformers.eval.build_tasks`).
-- BLiMP reads the 67 paradigm files from `$AMFORMERS_BLIMP_DIR`, else `blimp/` in the data folder: the same rule
-  as amformers.corpus.data_dir (`$AMFORMERS_DATA_DIR`, else `../shared/data` from the current directory), restated
-  here because this file runs without amformers. `python -m amformers.eval --data-dir` sets AMFORMERS_DATA_DIR.
+- BLiMP reads the 67 paradigm files from `$AMFORMERS_BLIMP_DIR`, else `blimp/` in the data folder of
+  `amformers.corpus.data_dir()` (`$AMFORMERS_DATA_DIR`, else `../shared/data` from the current directory; the
+  rule is restated here for a process that cannot import amformers). From another working directory set
+  AMFORMERS_DATA_DIR, or leave amformers_blimp out of `--tasks`; `python -m amformers.eval --data-dir` sets it.
 """
 
 import json
@@ -20,10 +22,14 @@ DATA_DIR = Path(__file__).resolve().parent / "data"  # the task data shipped bes
 
 
 def blimp_dir() -> Path:
-    """$AMFORMERS_BLIMP_DIR, else <$AMFORMERS_DATA_DIR or ../shared/data>/blimp."""
+    """$AMFORMERS_BLIMP_DIR, else <amformers.corpus.data_dir()>/blimp."""
     if os.environ.get("AMFORMERS_BLIMP_DIR"):
-        return Path(os.environ["AMFORMERS_BLIMP_DIR"])
-    return Path(os.environ.get("AMFORMERS_DATA_DIR") or Path("..") / "shared" / "data") / "blimp"
+        return Path(os.environ["AMFORMERS_BLIMP_DIR"]).expanduser()
+    try:
+        from amformers.corpus import data_dir
+    except ImportError:  # the same rule without the package
+        return Path(os.environ.get("AMFORMERS_DATA_DIR") or Path("..") / "shared" / "data").expanduser() / "blimp"
+    return data_dir() / "blimp"
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -51,7 +57,11 @@ def load_blimp(**_metadata):
     folder = blimp_dir()
     files = sorted(folder.glob("*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"No BLiMP *.jsonl files in {folder} (set AMFORMERS_BLIMP_DIR).")
+        raise FileNotFoundError(
+            f"No BLiMP *.jsonl files in {folder.resolve()} (working directory {Path.cwd()}): set AMFORMERS_DATA_DIR "
+            "to the data folder that holds blimp/ (or AMFORMERS_BLIMP_DIR to the BLiMP folder itself), or run "
+            "without amformers_blimp: --tasks amformers_ioi amformers_tinystories_cloze"
+        )
     rows = []
     for path in files:
         for record in _read_jsonl(path):

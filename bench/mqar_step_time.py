@@ -8,7 +8,8 @@ One step = forward (LM head at the asked positions, as experiments/mqar/sweep.py
 AdamW step. The models are the sweep's own (`build_model`: 2 layers, no MLP; attention with one head of width
 d_model, the recurrent families with heads of key dim 16, value dim 32). After `--warmup` steps each, the families
 take turns step by step (`--steps` rounds), so a change of machine load hits them all alike; the table gives each
-family's median step and its ratio to attention's median.
+family's median step (wall clock, and process CPU time: on a loaded machine the wall clock includes waiting for a
+core) and its ratio to attention's median, with the load average before and after.
 
 The claim grid (issue 18): 4 recurrent families x 4 learning rates x `--claim-seeds` seeds at (256, 64),
 `--claim-steps` steps of batch 64 each; its cost is steps x median step time per run, with no early stop (an upper
@@ -17,6 +18,7 @@ bound; test evaluations add a few percent).
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -62,25 +64,27 @@ def measure(families, d_model, seq_len, kv, batch_size, vocab_size, warmup, step
             continue
         model = use_triton_if_cuda(model.to(device), family, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-        runs[family] = {"model": model, "optimizer": optimizer, "times": []}
+        runs[family] = {"model": model, "optimizer": optimizer, "times": [], "cpu_times": []}
 
-    def step(run) -> float:
+    def step(run) -> tuple[float, float]:
         synchronise(device)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         logits, targets = asked_logits(run["model"], x, y)
         loss = nn.functional.cross_entropy(logits, targets)
         run["optimizer"].zero_grad(set_to_none=True)
         loss.backward()
         run["optimizer"].step()
         synchronise(device)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu_started
 
     for run in runs.values():
         for _ in range(warmup):
             step(run)
     for _ in range(steps):  # round robin: machine load drifts alike for every family
         for run in runs.values():
-            run["times"].append(step(run))
+            wall, cpu = step(run)
+            run["times"].append(wall)
+            run["cpu_times"].append(cpu)
     reference = statistics.median(runs["attention"]["times"]) if "attention" in runs else None
     return {
         family: {
@@ -88,6 +92,12 @@ def measure(families, d_model, seq_len, kv, batch_size, vocab_size, warmup, step
             "min_step_seconds": min(run["times"]),
             "max_step_seconds": max(run["times"]),
             "step_seconds": run["times"],
+            "median_step_cpu_seconds": statistics.median(run["cpu_times"]),
+            "cpu_ratio_to_attention": (
+                statistics.median(run["cpu_times"]) / statistics.median(runs["attention"]["cpu_times"])
+                if "attention" in runs
+                else None
+            ),
             "ratio_to_attention": statistics.median(run["times"]) / reference if reference else None,
             "parameters": sum(p.numel() for p in run["model"].parameters()),
         }
@@ -96,11 +106,14 @@ def measure(families, d_model, seq_len, kv, batch_size, vocab_size, warmup, step
 
 
 def claim_grid_cost(rows: dict, steps: int, lrs: int, seeds: int) -> dict:
+    """Device-hours of the claim grid from the median wall-clock step, and (on CPU) CPU-hours from the median
+    process CPU time per step (what a run costs on an unloaded core; the wall time includes waiting for the CPU)."""
     per_family = {
         family: {
             "runs": lrs * seeds,
             "hours": lrs * seeds * steps * rows[family]["median_step_seconds"] / 3600,
             "hours_per_run": steps * rows[family]["median_step_seconds"] / 3600,
+            "cpu_hours": lrs * seeds * steps * rows[family]["median_step_cpu_seconds"] / 3600,
         }
         for family in RECURRENT
         if family in rows
@@ -109,6 +122,7 @@ def claim_grid_cost(rows: dict, steps: int, lrs: int, seeds: int) -> dict:
         "grid": f"{len(per_family)} recurrent families x {lrs} lrs x {seeds} seeds, {steps} steps each, no early stop",
         "per_family": per_family,
         "total_hours": sum(f["hours"] for f in per_family.values()),
+        "total_cpu_hours": sum(f["cpu_hours"] for f in per_family.values()),
     }
 
 
@@ -134,6 +148,7 @@ def main(argv=None) -> dict:
         print("bench/mqar_step_time.py: no CUDA device", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     rows = measure(
         args.families, args.d_model, args.seq_len, args.kv_pairs, args.batch_size, args.vocab_size, args.warmup,
         args.steps, args.device,
@@ -145,6 +160,8 @@ def main(argv=None) -> dict:
         "device": args.device,
         "device_name": device_name,
         "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
         "torch": torch.__version__,
         "warmup": args.warmup,
         "steps": args.steps,
@@ -161,7 +178,10 @@ def main(argv=None) -> dict:
         print(f"{family:13s} {row['median_step_seconds'] * 1000:9.1f} ms/step  x{ratio:.2f} attention" if ratio else
               f"{family:13s} {row['median_step_seconds'] * 1000:9.1f} ms/step")  # fmt: skip
     claim = result["claim_grid"]
-    print(f"claim grid: {claim['total_hours']:.1f} device-hours ({claim['grid']}) -> {out}")
+    print(
+        f"claim grid: {claim['total_hours']:.1f} device-hours, {claim['total_cpu_hours']:.1f} CPU-hours by process "
+        f"CPU time ({claim['grid']}) -> {out}"
+    )
     return result
 
 

@@ -222,3 +222,24 @@ def test_validation_stops_trying_lrs_once_a_task_is_solved(tmp_path, monkeypatch
     assert tried == [1e-3, 2e-3]
     summary = validate.summarise_validation(tmp_path / "results.jsonl", tmp_path / "v.json")
     assert summary["validated_tasks"] == {"32x4": True} and summary["verdicts"][0]["lr"] == 2e-3
+
+
+def test_validation_ablation_reuses_a_solve_run_with_the_same_settings(tmp_path, monkeypatch):
+    from experiments.mqar import validate
+
+    tried = []
+
+    def fake_train_one(family, d_model, seq_len, kv, lr, **kwargs):
+        tried.append((kwargs["model_kwargs"]["heads"], lr))
+        return {"family": family, "d_model": d_model, "seq_len": seq_len, "kv_pairs": kv, "lr": lr, "seed": 0,
+                "best_test_accuracy": 0.5, "test_accuracy": 0.5, "steps": 1, "seconds": 1.0, "cpu_seconds": 1.0,
+                "config": {"vocab_size": kwargs["vocab_size"], "heads": kwargs["model_kwargs"]["heads"]},
+                "history": []}  # fmt: skip
+
+    monkeypatch.setattr(validate, "train_one", fake_train_one)
+    validate.run_validation(tasks=[(128, 8)], d_models=(64,), lrs=(1e-3,), out_dir=tmp_path)
+    assert tried == [(1, 1e-3), (4, 3e-3), (4, 1e-3), (1, 3e-3)]  # one head at 1e-3 was the solve run: not again
+    summary = validate.summarise_validation(tmp_path / "results.jsonl", tmp_path / "v.json")
+    assert len(summary["runs"]) == 5 and summary["cpu_seconds_total"] == 4.0  # the reused run is counted once
+    (reused,) = [r for r in summary["runs"] if r["reused"]]
+    assert reused["part"] == "ablation" and reused["reused"].startswith("solve-d64-h1-L128-kv8-V256-lr1.00e-03")

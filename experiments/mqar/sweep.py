@@ -9,8 +9,11 @@ Families (a family whose model class is not installed is skipped with a message)
   mamba2           PalimpsaConfig(mixer="mamba2", metaplastic=False) (Mamba2-like)
 Every model has 2 layers and no MLP (zoology's Identity state mixer: AttnStream blocks' MLPs are replaced by zero,
 Palimpsa models are built with intermediate_size=0),
-d_model in {64, 128}, d/16 heads of key dim 16 and value dim 32 (the Palimpsa MQAR configs: expand_v 2; for the
-mamba2 mixer head_dim is the SSM state size, so Mamba2 heads are 32 wide with state 16 and n_groups = heads).
+d_model in {64, 128}. Attention families: one head as wide as d_model (zoology's Figure-2 layout; the first grid's
+d/16 heads of width 16 with RoPE stayed at chance, see `python -m experiments.mqar.sweep validate`, which checks
+that attention solves MQAR in this harness). Recurrent families: d/16 heads of key dim 16 and value dim 32 (the
+Palimpsa MQAR configs: expand_v 2; for the mamba2 mixer head_dim is the SSM state size, so Mamba2 heads are 32 wide
+with state 16 and n_groups = heads).
 Palimpsa-family layers start from the official MQAR harness's "small forgetting" init (`small_forgetting_init`).
 Data: eval/mqar.py, power_a 0.01, train/test from disjoint seeds. Training: AdamW (weight decay 0.1), cosine
 schedule to 0, batch 64, test accuracy after every epoch, early stop once it reaches 99%; the loss and logits are

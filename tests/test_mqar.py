@@ -233,13 +233,44 @@ def test_validation_ablation_reuses_a_solve_run_with_the_same_settings(tmp_path,
         tried.append((kwargs["model_kwargs"]["heads"], lr))
         return {"family": family, "d_model": d_model, "seq_len": seq_len, "kv_pairs": kv, "lr": lr, "seed": 0,
                 "best_test_accuracy": 0.5, "test_accuracy": 0.5, "steps": 1, "seconds": 1.0, "cpu_seconds": 1.0,
-                "config": {"vocab_size": kwargs["vocab_size"], "heads": kwargs["model_kwargs"]["heads"]},
+                "config": {"vocab_size": kwargs["vocab_size"], "heads": kwargs["model_kwargs"]["heads"],
+                           "epochs": kwargs["epochs"]},
                 "history": []}  # fmt: skip
 
     monkeypatch.setattr(validate, "train_one", fake_train_one)
-    validate.run_validation(tasks=[(128, 8)], d_models=(64,), lrs=(1e-3,), out_dir=tmp_path)
+    validate.run_validation(tasks=[(128, 8)], d_models=(64,), lrs=(1e-3,), epochs=4, out_dir=tmp_path)
     assert tried == [(1, 1e-3), (4, 3e-3), (4, 1e-3), (1, 3e-3)]  # one head at 1e-3 was the solve run: not again
     summary = validate.summarise_validation(tmp_path / "results.jsonl", tmp_path / "v.json")
     assert len(summary["runs"]) == 5 and summary["cpu_seconds_total"] == 4.0  # the reused run is counted once
     (reused,) = [r for r in summary["runs"] if r["reused"]]
     assert reused["part"] == "ablation" and reused["reused"].startswith("solve-d64-h1-L128-kv8-V256-lr1.00e-03")
+    tried.clear()
+    validate.run_validation(tasks=[(128, 8)], d_models=(64,), lrs=(3e-3,), epochs=8, out_dir=tmp_path / "longer")
+    assert tried == [(1, 3e-3), (4, 3e-3), (4, 1e-3), (1, 3e-3), (1, 1e-3)]  # solve ran 8 epochs, the ablation 4
+
+
+def test_report_flags_attention_rows_trained_with_the_old_head_layout(tmp_path):
+    from experiments.mqar.report import grid_section
+
+    def row(family, config):
+        return {
+            "family": family,
+            "d_model": 64,
+            "seq_len": 128,
+            "kv_pairs": 16,
+            "seed": 0,
+            "state_size": 1,
+            "best_test_accuracy": 0.1,
+            "lr": 3e-3,
+            "lrs_tried": 1,
+            "steps": 1,
+            "seconds": 1.0,
+            "config": config,
+        }
+
+    data = {"runs": 2, "command": "c", "config": {}, "best_over_lr": [row("attention", {}), row("palimpsa", {})]}
+    (tmp_path / "mqar.json").write_text(json.dumps(data))
+    assert any("1 attention rows above were trained before" in line for line in grid_section(tmp_path))
+    data["best_over_lr"][0]["config"] = {"heads": 1}
+    (tmp_path / "mqar.json").write_text(json.dumps(data))
+    assert not any("trained before" in line for line in grid_section(tmp_path))

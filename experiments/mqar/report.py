@@ -110,6 +110,15 @@ def grid_section(results: Path = RESULTS) -> list[str]:
         format_table(rows, floatfmt=".3f"),
         "",
     ]
+    old_layout = [r for r in data["best_over_lr"] if r["family"] in ("attention", "attn_values")
+                  and "heads" not in (r.get("config") or {})]  # fmt: skip
+    if old_layout:
+        lines += [
+            f"{len(old_layout)} attention rows above were trained before the harness validation, with d_model / 16 "
+            "heads of width 16 (the layout that stays at chance, see the validation section); the sweep now builds "
+            "them with one head of width d_model. Rerun those cells before reading them.",
+            "",
+        ]
     spread = data.get("seed_spread") or []
     if spread:
         lines += [

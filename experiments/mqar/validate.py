@@ -15,9 +15,10 @@ token is seen ~30 times an epoch, and attention learned far more slowly, see the
 
 Two parts, both resumable (runs/mqar_validation/results.jsonl; one line per finished run):
   solve     for each task, learning rates in order until one reaches 0.99 (then the task is validated);
-  ablation  at (128, 8), d_model 64: the old sweep's layout (d_model / 16 heads of width 16) against one head, each
-            at lr 3e-3 (the old sweep's first lr) and 1e-3: which of the two choices made the old grid fail (a
-            layout the solve part already trained is reused, marked "reused", and counted once).
+  ablation  at (128, 8), d_model 64, the first grid's budget (4 epochs, 1,000 steps): the old sweep's layout
+            (d_model / 16 heads of width 16) against one head, each at lr 3e-3 (the old sweep's first lr) and 1e-3:
+            which of the two choices made the old grid fail (a run the solve part already made with the same
+            settings is reused, marked "reused", and counted once).
 
     python -m experiments.mqar.sweep validate                  # -> experiments/mqar/results/harness_validation.json
     python -m experiments.mqar.sweep validate --summarise-only  # rewrite the JSON from the runs so far
@@ -40,6 +41,7 @@ VALIDATION_RUNS = RUNS_ROOT / "mqar_validation"
 VALIDATION_TASKS = ((128, 8), (256, 16))
 VALIDATION_LRS = (2.15e-3, 1e-3, 4.64e-4)  # zoology grid point 2.15e-3 first (solved (128, 8) fastest), then 1e-3
 ABLATION = ((128, 8), 64, ((None, 3e-3), (None, 1e-3), (1, 3e-3), (1, 1e-3)))  # task, d_model, (heads, lr)
+ABLATION_EPOCHS = 4  # the first grid's budget: 16,000 examples x 4 epochs = 1,000 steps of 64
 TARGET = 0.99
 ZOOLOGY_VOCAB = 8192
 DROPOUT = 0.1
@@ -64,16 +66,16 @@ def run_validation(
     torch.set_num_threads(1)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.jsonl"
-    settings = dict(train_examples=train_examples, test_examples=test_examples, epochs=epochs, batch_size=batch_size)
+    settings = dict(train_examples=train_examples, test_examples=test_examples, batch_size=batch_size)
 
-    def train(part, d_model, seq_len, kv, heads, lr, seed):
+    def train(part, d_model, seq_len, kv, heads, lr, seed, epochs=epochs):
         vocab = task_vocab(seq_len, vocab_size)
         key = validation_key(part, d_model, seq_len, kv, heads or d_model // 16, lr, seed, vocab)
         done = _done(results_file)
         if key in done:
             return done[key]
         twin = validation_key("solve", d_model, seq_len, kv, heads or d_model // 16, lr, seed, vocab)
-        if part == "ablation" and twin in done:  # the same training run was made to solve the task: reuse it
+        if part == "ablation" and twin in done and done[twin]["config"]["epochs"] == epochs:  # the same run: reuse
             row = {**done[twin], "key": key, "part": part, "reused": twin}
             with results_file.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -81,7 +83,7 @@ def run_validation(
         model_kwargs = {"heads": heads or d_model // 16, "attention_dropout": DROPOUT}
         result = train_one(
             "attention", d_model, seq_len, kv, lr, seed=seed, vocab_size=vocab, model_kwargs=model_kwargs,
-            target=TARGET, **settings,
+            target=TARGET, epochs=epochs, **settings,
         )  # fmt: skip
         row = {"key": key, "part": part, "command": command, **result}
         with results_file.open("a") as handle:
@@ -99,7 +101,7 @@ def run_validation(
     if ablation:
         (seq_len, kv), d_model, layouts = ABLATION
         for heads, lr in layouts:
-            train("ablation", d_model, seq_len, kv, heads, lr, seeds[0])
+            train("ablation", d_model, seq_len, kv, heads, lr, seeds[0], min(epochs, ABLATION_EPOCHS))
 
 
 def summarise_validation(

@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
 def write(args, argv, shape, runs, final=False) -> dict:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     result = {
-        "command": "python bench/mqar_official.py " + shlex.join(argv),
+        "command": ("python bench/mqar_official.py " + shlex.join(argv)).rstrip(),
         "tiny": args.tiny,
         "device": args.device,
         "device_name": device_name,

@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     result = {
-        "command": "python bench/mqar_step_time.py " + shlex.join(argv),
+        "command": ("python bench/mqar_step_time.py " + shlex.join(argv)).rstrip(),
         "shape": {k: getattr(args, k) for k in ("d_model", "seq_len", "kv_pairs", "batch_size", "vocab_size")},
         "device": args.device,
         "device_name": device_name,

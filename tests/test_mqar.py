@@ -243,7 +243,7 @@ def test_validation_ablation_reuses_a_solve_run_with_the_same_settings(tmp_path,
     summary = validate.summarise_validation(tmp_path / "results.jsonl", tmp_path / "v.json")
     assert len(summary["runs"]) == 5 and summary["cpu_seconds_total"] == 4.0  # the reused run is counted once
     (reused,) = [r for r in summary["runs"] if r["reused"]]
-    assert reused["part"] == "ablation" and reused["reused"].startswith("solve-d64-h1-L128-kv8-V256-lr1.00e-03")
+    assert reused["part"] == "ablation" and reused["reused"] == "solve-d64-h1-L128-kv8-V256-lr1.00e-03-e4-s0"
     tried.clear()
     validate.run_validation(tasks=[(128, 8)], d_models=(64,), lrs=(3e-3,), epochs=8, out_dir=tmp_path / "longer")
     assert tried == [(1, 3e-3), (4, 3e-3), (4, 1e-3), (1, 3e-3), (1, 1e-3)]  # solve ran 8 epochs, the ablation 4

@@ -17,8 +17,8 @@ Two parts, both resumable (runs/mqar_validation/results.jsonl; one line per fini
   solve     for each task, learning rates in order until one reaches 0.99 (then the task is validated);
   ablation  at (128, 8), d_model 64, the first grid's budget (4 epochs, 1,000 steps): the old sweep's layout
             (d_model / 16 heads of width 16) against one head, each at lr 3e-3 (the old sweep's first lr) and 1e-3:
-            which of the two choices made the old grid fail (a run the solve part already made with the same
-            settings is reused, marked "reused", and counted once).
+            does either choice, or the budget, explain the old grid's failure (a run the solve part already made
+            with the same settings is reused, marked "reused", and counted once).
 
     python -m experiments.mqar.sweep validate                  # -> experiments/mqar/results/harness_validation.json
     python -m experiments.mqar.sweep validate --summarise-only  # rewrite the JSON from the runs so far
@@ -47,8 +47,8 @@ ZOOLOGY_VOCAB = 8192
 DROPOUT = 0.1
 
 
-def validation_key(part, d_model, seq_len, kv, heads, lr, seed, vocab_size) -> str:
-    return f"{part}-d{d_model}-h{heads}-L{seq_len}-kv{kv}-V{vocab_size}-lr{lr:.2e}-s{seed}"
+def validation_key(part, d_model, seq_len, kv, heads, lr, seed, vocab_size, epochs) -> str:
+    return f"{part}-d{d_model}-h{heads}-L{seq_len}-kv{kv}-V{vocab_size}-lr{lr:.2e}-e{epochs}-s{seed}"
 
 
 def _done(results_file: Path) -> dict[str, dict]:
@@ -70,12 +70,12 @@ def run_validation(
 
     def train(part, d_model, seq_len, kv, heads, lr, seed, epochs=epochs):
         vocab = task_vocab(seq_len, vocab_size)
-        key = validation_key(part, d_model, seq_len, kv, heads or d_model // 16, lr, seed, vocab)
+        key = validation_key(part, d_model, seq_len, kv, heads or d_model // 16, lr, seed, vocab, epochs)
         done = _done(results_file)
         if key in done:
             return done[key]
-        twin = validation_key("solve", d_model, seq_len, kv, heads or d_model // 16, lr, seed, vocab)
-        if part == "ablation" and twin in done and done[twin]["config"]["epochs"] == epochs:  # the same run: reuse
+        twin = validation_key("solve", d_model, seq_len, kv, heads or d_model // 16, lr, seed, vocab, epochs)
+        if part == "ablation" and twin in done:  # the solve part made this very run: reuse it
             row = {**done[twin], "key": key, "part": part, "reused": twin}
             with results_file.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")

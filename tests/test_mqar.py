@@ -174,12 +174,13 @@ def test_attention_families_default_to_one_head_as_wide_as_the_model():
         assert (recurrent.config.num_heads, recurrent.config.head_dim) == (4, 16)
 
 
-def test_harness_validation_runs_resumes_and_summarises(tmp_path):
+def test_harness_validation_runs_resumes_and_summarises(tmp_path, capsys):
     from experiments.mqar import validate
 
     settings = dict(tasks=[(32, 4)], d_models=(32,), lrs=(1e-3, 3e-3), epochs=1, train_examples=32,
                     test_examples=16, batch_size=16, out_dir=tmp_path)  # fmt: skip
     validate.run_validation(**settings)
+    assert "  solve-d32-h1-L32-kv4-V256-lr1.00e-03-e1-s0 {'epoch': 1, 'step': 2," in capsys.readouterr().out  # progress
     runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     solve = [r for r in runs if r["part"] == "solve"]
     assert [r["lr"] for r in solve] == [1e-3, 3e-3]  # neither solved in 2 steps: every lr was tried

@@ -177,10 +177,11 @@ def evaluate(model, inputs, labels, batch_size=256) -> float:
 def train_one(
     family, d_model, seq_len, kv, lr, train_examples, test_examples, epochs, batch_size, seed=0, vocab_size=VOCAB,
     model_kwargs: dict | None = None, device: str = "cpu", max_seconds: float | None = None,
-    target: float = 0.99,
+    target: float = 0.99, on_epoch=None,
 ):  # fmt: skip
     """Train one MQAR model; test accuracy after every epoch, early stop at `target`. `max_seconds` (a time budget
-    for the training steps) stops mid-epoch and evaluates once more. `model_kwargs` go to `build_model`."""
+    for the training steps) stops mid-epoch and evaluates once more. `model_kwargs` go to `build_model`; `on_epoch`
+    (if given) is called with each epoch's history entry (progress logs of long runs)."""
     torch.manual_seed(seed)
     model = build_model(family, d_model, seq_len, vocab_size, **(model_kwargs or {}))
     if model is None:
@@ -224,6 +225,8 @@ def train_one(
                 "seconds": time.time() - started,
             }
         )
+        if on_epoch is not None:
+            on_epoch(history[-1])
         if acc >= target or out_of_time:
             break
     return {

@@ -83,7 +83,7 @@ def run_validation(
         model_kwargs = {"heads": heads or d_model // 16, "attention_dropout": DROPOUT}
         result = train_one(
             "attention", d_model, seq_len, kv, lr, seed=seed, vocab_size=vocab, model_kwargs=model_kwargs,
-            target=TARGET, epochs=epochs, **settings,
+            target=TARGET, epochs=epochs, on_epoch=lambda h: print(f"  {key} {h}", flush=True), **settings,
         )  # fmt: skip
         row = {"key": key, "part": part, "command": command, **result}
         with results_file.open("a") as handle:

@@ -159,3 +159,119 @@ def test_default_grid_tasks_are_all_generable_and_bad_tasks_fail_before_training
     with pytest.raises(ValueError, match="key-value pairs"):
         mqar_sweep.run_sweep(["attention", "attn_values"], [32], tasks, [3e-3], 64, 32, 1, 32, [0], tmp_path)
     assert not (tmp_path / "results.jsonl").exists()  # nothing trained before the bad task was caught
+
+
+def test_attention_families_default_to_one_head_as_wide_as_the_model():
+    from experiments.mqar import sweep as mqar_sweep
+
+    for family in ("attention", "attn_values"):
+        config = mqar_sweep.build_model(family, 64, 32, vocab_size=64).config
+        assert (config.num_attention_heads, config.head_dim) == (1, 64)  # zoology's Figure-2 MHA layout
+    narrow = mqar_sweep.build_model("attention", 64, 32, vocab_size=64, heads=4, attention_dropout=0.1).config
+    assert (narrow.num_attention_heads, narrow.head_dim, narrow.attention_dropout) == (4, 16, 0.1)
+    recurrent = mqar_sweep.build_model("palimpsa", 64, 32, vocab_size=64)
+    if recurrent is not None:  # the official Palimpsa MQAR layout: heads of key dim 16
+        assert (recurrent.config.num_heads, recurrent.config.head_dim) == (4, 16)
+
+
+def test_harness_validation_runs_resumes_and_summarises(tmp_path, capsys):
+    from experiments.mqar import validate
+
+    settings = dict(tasks=[(32, 4)], d_models=(32,), lrs=(1e-3, 3e-3), epochs=1, train_examples=32,
+                    test_examples=16, batch_size=16, out_dir=tmp_path)  # fmt: skip
+    validate.run_validation(**settings)
+    assert "  solve-d32-h1-L32-kv4-V256-lr1.00e-03-e1-s0 {'epoch': 1, 'step': 2," in capsys.readouterr().out  # progress
+    runs = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    solve = [r for r in runs if r["part"] == "solve"]
+    assert [r["lr"] for r in solve] == [1e-3, 3e-3]  # neither solved in 2 steps: every lr was tried
+    ablation = [r for r in runs if r["part"] == "ablation"]
+    assert [(r["config"]["heads"], r["lr"]) for r in ablation] == [(4, 3e-3), (4, 1e-3), (1, 3e-3), (1, 1e-3)]
+    assert all(r["config"]["attention_dropout"] == 0.1 and r["config"]["vocab_size"] == 256 for r in runs)
+    validate.run_validation(**settings)  # resumes: nothing left to train
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(runs)
+
+    summary = validate.summarise_validation(tmp_path / "results.jsonl", tmp_path / "harness_validation.json", "cmd")
+    (verdict,) = summary["verdicts"]
+    assert (verdict["seq_len"], verdict["kv_pairs"], verdict["vocab_size"], verdict["runs"]) == (32, 4, 256, 2)
+    assert verdict["solved"] == (verdict["best_test_accuracy"] >= 0.99)
+    assert summary["validated_tasks"] == {"32x4": verdict["solved"]}
+    assert summary["runs"][0]["history"][0]["step"] == 2 and summary["command"] == "cmd"
+    assert json.loads((tmp_path / "harness_validation.json").read_text())["cpu_seconds_total"] > 0
+
+    from experiments.mqar.report import section
+
+    lines = section(tmp_path)  # no mqar.json here: the validation section alone
+    assert lines[0] == "## MQAR harness validation" and (tmp_path / "harness_validation.png").is_file()
+    assert f"32x4 {'solved' if verdict['solved'] else 'NOT solved'}" in lines[2]
+    assert "\n".join(lines).count("\n| 4 | 16 |") == 2  # the ablation's two rows of 4 heads of 16
+
+
+def test_validation_stops_trying_lrs_once_a_task_is_solved(tmp_path, monkeypatch):
+    from experiments.mqar import validate
+
+    tried = []
+
+    def fake_train_one(family, d_model, seq_len, kv, lr, **kwargs):
+        tried.append(lr)
+        acc = 0.995 if lr == 2e-3 else 0.1
+        return {"family": family, "d_model": d_model, "seq_len": seq_len, "kv_pairs": kv, "lr": lr, "seed": 0,
+                "best_test_accuracy": acc, "test_accuracy": acc, "steps": 1, "seconds": 0.0, "cpu_seconds": 0.0,
+                "config": {"vocab_size": kwargs["vocab_size"], "heads": 1}, "history": []}  # fmt: skip
+
+    monkeypatch.setattr(validate, "train_one", fake_train_one)
+    validate.run_validation(tasks=[(32, 4)], d_models=(32,), lrs=(1e-3, 2e-3, 5e-4), ablation=False, out_dir=tmp_path)
+    assert tried == [1e-3, 2e-3]
+    summary = validate.summarise_validation(tmp_path / "results.jsonl", tmp_path / "v.json")
+    assert summary["validated_tasks"] == {"32x4": True} and summary["verdicts"][0]["lr"] == 2e-3
+
+
+def test_validation_ablation_reuses_a_solve_run_with_the_same_settings(tmp_path, monkeypatch):
+    from experiments.mqar import validate
+
+    tried = []
+
+    def fake_train_one(family, d_model, seq_len, kv, lr, **kwargs):
+        tried.append((kwargs["model_kwargs"]["heads"], lr))
+        return {"family": family, "d_model": d_model, "seq_len": seq_len, "kv_pairs": kv, "lr": lr, "seed": 0,
+                "best_test_accuracy": 0.5, "test_accuracy": 0.5, "steps": 1, "seconds": 1.0, "cpu_seconds": 1.0,
+                "config": {"vocab_size": kwargs["vocab_size"], "heads": kwargs["model_kwargs"]["heads"],
+                           "epochs": kwargs["epochs"]},
+                "history": []}  # fmt: skip
+
+    monkeypatch.setattr(validate, "train_one", fake_train_one)
+    validate.run_validation(tasks=[(128, 8)], d_models=(64,), lrs=(1e-3,), epochs=4, out_dir=tmp_path)
+    assert tried == [(1, 1e-3), (4, 3e-3), (4, 1e-3), (1, 3e-3)]  # one head at 1e-3 was the solve run: not again
+    summary = validate.summarise_validation(tmp_path / "results.jsonl", tmp_path / "v.json")
+    assert len(summary["runs"]) == 5 and summary["cpu_seconds_total"] == 4.0  # the reused run is counted once
+    (reused,) = [r for r in summary["runs"] if r["reused"]]
+    assert reused["part"] == "ablation" and reused["reused"] == "solve-d64-h1-L128-kv8-V256-lr1.00e-03-e4-s0"
+    tried.clear()
+    validate.run_validation(tasks=[(128, 8)], d_models=(64,), lrs=(3e-3,), epochs=8, out_dir=tmp_path / "longer")
+    assert tried == [(1, 3e-3), (4, 3e-3), (4, 1e-3), (1, 3e-3), (1, 1e-3)]  # solve ran 8 epochs, the ablation 4
+
+
+def test_report_flags_attention_rows_trained_with_the_old_head_layout(tmp_path):
+    from experiments.mqar.report import grid_section
+
+    def row(family, config):
+        return {
+            "family": family,
+            "d_model": 64,
+            "seq_len": 128,
+            "kv_pairs": 16,
+            "seed": 0,
+            "state_size": 1,
+            "best_test_accuracy": 0.1,
+            "lr": 3e-3,
+            "lrs_tried": 1,
+            "steps": 1,
+            "seconds": 1.0,
+            "config": config,
+        }
+
+    data = {"runs": 2, "command": "c", "config": {}, "best_over_lr": [row("attention", {}), row("palimpsa", {})]}
+    (tmp_path / "mqar.json").write_text(json.dumps(data))
+    assert any("1 attention rows above were trained before" in line for line in grid_section(tmp_path))
+    data["best_over_lr"][0]["config"] = {"heads": 1}
+    (tmp_path / "mqar.json").write_text(json.dumps(data))
+    assert not any("trained before" in line for line in grid_section(tmp_path))

@@ -1,21 +1,38 @@
-"""Our Triton kernels against their references, run in Triton's interpreter on CPU (fp32, tiny shapes).
+"""Our Triton kernels against their references: in Triton's interpreter on CPU, or compiled on a CUDA GPU.
 
-Not collected by the main test run (the name does not start with `test_`): tests/test_triton_kernels.py runs this
-file with pytest in a subprocess whose environment has TRITON_INTERPRET=1. The variable must be set before the
-kernels are first decorated (transformers imports triton early in any process), so a fresh process is the reliable
-way. By hand: `TRITON_INTERPRET=1 pytest tests/triton_interpreter_cases.py`.
+Not collected by the main test run (the name does not start with `test_`). Two ways to run it:
+* interpreter (CPU, fp32, tiny shapes): tests/test_triton_kernels.py runs this file with pytest in a subprocess whose
+  environment has TRITON_INTERPRET=1. The variable must be set before the kernels are first decorated
+  (transformers imports triton early in any process), so a fresh process is the reliable way. By hand:
+  `TRITON_INTERPRET=1 pytest tests/triton_interpreter_cases.py`.
+* native (a CUDA GPU, TRITON_INTERPRET unset): `pytest tests/triton_interpreter_cases.py` (bench/gpu_check.sh does).
+  Every tensor and model is made on the GPU (torch's default device), fp32, with TF32 off in PyTorch's matmuls and
+  the kernels' fp32 products in IEEE precision, so the same fp32 tolerance holds. The bf16 cases run only here.
+Without either (no interpreter, no CUDA) the file refuses to run.
 
-Every comparison is a relative error ||fast - reference|| / ||reference|| <= 1e-4, outputs, final states and the
-gradient of every input.
+Every fp32 comparison is a relative error ||fast - reference|| / ||reference|| <= 1e-4, outputs, final states and
+the gradient of every input. The bf16 cases compare kernels fed bf16 inputs against the fp32 reference on the same
+(rounded) inputs: relative error <= 2e-2 for outputs and <= 5e-2 for gradients (bf16 keeps 8 significant bits,
+~4e-3 per rounding; the kernels round p, outputs and gradients to bf16 on top of fp32 accumulation).
 """
 
 import os
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("Run this file with TRITON_INTERPRET=1 in the environment (see its docstring).")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not INTERPRET and not torch.cuda.is_available():
+    raise RuntimeError(
+        "Run this file with TRITON_INTERPRET=1 in the environment, or on a machine with a CUDA GPU (see its docstring)."
+    )
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET:
+    torch.set_default_device(DEVICE)  # every tensor and model the cases make lives on the GPU
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references stay fp32
+    torch.backends.cudnn.allow_tf32 = False
+
 from transformers.models.llama.modeling_llama import eager_attention_forward  # noqa: E402
 
 import amformers  # noqa: E402
@@ -30,20 +47,30 @@ from amformers.modeling.kernels.triton_switch import amformers_triton_attention 
 TOLERANCE = 1e-4
 
 
+BF16_OUTPUT_TOLERANCE, BF16_GRAD_TOLERANCE = 2e-2, 5e-2
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the cases' device (a CPU generator cannot feed CUDA tensors)."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
 def relative_error(fast: torch.Tensor, reference: torch.Tensor) -> float:
     fast, reference = fast.double(), reference.double()
     return ((fast - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
-def assert_close(name: str, fast: torch.Tensor, reference: torch.Tensor) -> None:
+def assert_close(name: str, fast: torch.Tensor, reference: torch.Tensor, tolerance: float = TOLERANCE) -> None:
     assert fast.shape == reference.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(reference.shape)}"
     assert torch.isfinite(fast).all(), f"{name}: non-finite values"
     error = relative_error(fast, reference)
-    assert error <= TOLERANCE, f"{name}: relative error {error:.2e} > {TOLERANCE}"
+    assert error <= tolerance, f"{name}: relative error {error:.2e} > {tolerance}"
 
 
-def test_kernels_really_run_in_the_interpreter():
-    assert attn_stream_triton.INTERPRETED and palimpsa_triton.INTERPRETED
+def test_kernels_really_run_where_asked():
+    """Interpreter mode runs the interpreter on CPU tensors; native mode compiles the kernels for the GPU."""
+    assert attn_stream_triton.INTERPRETED == palimpsa_triton.INTERPRETED == INTERPRET
+    assert torch.randn(1).device.type == ("cpu" if INTERPRET else "cuda")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -182,7 +209,7 @@ def forward_backward(model, implementation, input_ids, attention_mask, use_cache
 
 
 def padded_batch(length=17):
-    input_ids = torch.randint(3, 128, (2, length), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(3, 128, (2, length), generator=generator(1))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :6] = 0  # left padding: rows and keys the kernel must mask
     return input_ids, attention_mask
@@ -231,7 +258,7 @@ def test_model_greedy_generation_equals_sdpa(fused_streams):
     """With a cache the cache holds the mixed values: the prefill (no cached keys before it) fuses the values mix,
     each decoding step reads the mixed cache. Prefill and every step with the kernel reproduce sdpa's tokens."""
     model = tiny_attn_stream(attention_stream="values", stream_weighting="learned").eval()
-    input_ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    input_ids = torch.randint(3, 128, (2, 9), generator=generator(2))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :3] = 0
     settings = dict(attention_mask=attention_mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -243,10 +270,12 @@ def test_model_greedy_generation_equals_sdpa(fused_streams):
 
 def test_model_from_pretrained_with_triton_attention(tmp_path):
     tiny_attn_stream().save_pretrained(tmp_path)
-    model = AttnStreamForCausalLM.from_pretrained(tmp_path, attn_implementation="amformers_triton", dtype=torch.float32)
+    model = AttnStreamForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="amformers_triton", dtype=torch.float32
+    ).to(DEVICE)
     assert model.config._attn_implementation == "amformers_triton"
     input_ids = torch.randint(3, 128, (1, 7))
-    expected = AttnStreamForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)(input_ids).logits
+    expected = AttnStreamForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(DEVICE)(input_ids).logits
     assert_close("logits", model(input_ids).logits, expected)
 
 
@@ -263,7 +292,7 @@ PALIMPSA_CASES = {
 
 
 def make_palimpsa_inputs(B, T, H, K, V, with_state, prior, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     q = torch.randn(B, T, H, K, generator=g)
     k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
     v = torch.randn(B, T, H, V, generator=g)
@@ -411,10 +440,65 @@ def test_palimpsa_model_forward_backward_equals_default_path(monkeypatch):
 
 def test_palimpsa_model_greedy_generation_equals_default_path():
     model = tiny_palimpsa().eval()
-    input_ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    input_ids = torch.randint(3, 128, (2, 6), generator=generator(2))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :2] = 0
     settings = dict(attention_mask=attention_mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     expected = model.generate(input_ids, **settings)
     model.set_attn_implementation("amformers_triton")
     assert torch.equal(model.generate(input_ids, **settings), expected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bf16 inputs (native CUDA only): the kernels against the fp32 reference on the same rounded inputs
+
+native_only = pytest.mark.skipif(INTERPRET, reason="bf16 kernels are checked compiled on a GPU (bench/gpu_check.sh)")
+
+
+def bf16_leaves(tensors):
+    """bf16 copies (the inputs a bf16 model hands the kernel) and fp32 copies of those rounded values."""
+    half = [x.detach().bfloat16().requires_grad_() for x in tensors]
+    return half, [x.detach().float().requires_grad_() for x in half]
+
+
+@native_only
+@pytest.mark.parametrize("case", ["gqa_causal_T37", "values_mix_padding_gqa_D24", "bidirectional_padding_D128"])
+def test_flash_attention_bf16_against_fp32_reference(case):
+    q, k, v, mask, kwargs = make_attention_inputs(*ATTENTION_CASES[case])
+    names = ["q", "k", "v"] + (["source", "weights"] if "source_projection" in kwargs else [])
+    tensors = [q, k, v] + [kwargs[n] for n in ("source_projection", "stream_weights") if n in kwargs]
+    tensors = [t for t in tensors if torch.is_tensor(t)]
+    half, full = bf16_leaves(tensors)
+
+    def call(inputs, fn):
+        extra = dict(kwargs)
+        if "source_projection" in kwargs:
+            extra["source_projection"] = inputs[3]
+            if torch.is_tensor(kwargs["stream_weights"]):
+                extra["stream_weights"] = inputs[4]
+        return fn(inputs[0], inputs[1], inputs[2], mask, **extra)
+
+    out = call(half, attn_stream_flash_attention)
+    reference = call(full, attn_stream_attention_reference)
+    assert out.dtype == torch.bfloat16
+    assert_close("output", out.float(), reference, BF16_OUTPUT_TOLERANCE)
+    grad_out = torch.randn(reference.shape)
+    grads = torch.autograd.grad(out, half, grad_out.bfloat16())
+    reference_grads = torch.autograd.grad(reference, full, grad_out)
+    for name, fast, slow in zip(names, grads, reference_grads):
+        assert_close(f"d{name}", fast.float(), slow, BF16_GRAD_TOLERANCE)
+
+
+@native_only
+@pytest.mark.parametrize("shape", [(2, 16, 2, 12, 4), (2, 200, 4, 16, 32)])  # the second: MQAR heads, many chunks
+def test_palimpsa_bf16_against_fp32_reference(shape):
+    q, k, v, beta, log_alpha, _, _ = make_palimpsa_inputs(*shape, False, 1.0, seed=5)
+    half, full = bf16_leaves([q, k, v, beta, log_alpha])
+    out, _ = palimpsa_attention(*half, impl="triton")
+    reference, _ = palimpsa_attention(*full, impl="reference")
+    assert_close("o", out.float(), reference, BF16_OUTPUT_TOLERANCE)
+    upstream = torch.randn(reference.shape)
+    grads = torch.autograd.grad(out, half, upstream.bfloat16())
+    reference_grads = torch.autograd.grad(reference, full, upstream)
+    for name, fast, slow in zip(["q", "k", "v", "beta", "log_alpha"], grads, reference_grads):
+        assert_close(f"d{name}", fast.float(), slow, BF16_GRAD_TOLERANCE)

@@ -18,7 +18,7 @@ def validation_section(results: Path = RESULTS) -> list[str]:
     for ax, part in zip(axes, ("solve", "ablation")):
         for i, run in enumerate(r for r in data["runs"] if r["part"] == part):
             label = f"L={run['seq_len']} kv={run['kv_pairs']} V={run['config']['vocab_size']} "
-            label += f"heads={run['config']['heads']} lr={run['lr']:.1e}"
+            label += f"heads={run['config']['heads']} lr={run['lr']:.1e} epochs={run['config']['epochs']}"
             steps = [h["step"] for h in run["history"]]
             ax.plot(steps, [h["test_accuracy"] for h in run["history"]], marker="o", ms=3, color=f"C{i}", label=label)
         ax.axhline(0.99, color="grey", lw=0.6, ls="--")
@@ -54,8 +54,8 @@ def validation_section(results: Path = RESULTS) -> list[str]:
         lines += [
             "At the first grid's budget (1,000 steps, the cosine schedule reaching 0 at the last one), (128, 8): its "
             "attention layout (d_model / 16 heads of width 16) and its first lr (3e-3), each against zoology's one "
-            "head and lr 1e-3 (the solve runs above trained 8 epochs; their curves show the step where they left "
-            "the plateau):",
+            "head and lr 1e-3 (the solve runs above trained 8 epochs or more; their curves show the step where they "
+            "left the plateau):",
             "",
             format_table(ablation, floatfmt=".3g"),
             "",
@@ -117,8 +117,9 @@ def grid_section(results: Path = RESULTS) -> list[str]:
     if old_layout:
         lines += [
             f"{len(old_layout)} attention rows above were trained before the harness validation, with d_model / 16 "
-            "heads of width 16 (the layout that stays at chance, see the validation section); the sweep now builds "
-            "them with one head of width d_model. Rerun those cells before reading them.",
+            "heads of width 16 and the 1,000-step budget, at which attention stays on its plateau whatever the layout "
+            "(see the validation section); the sweep now builds them with one head of width d_model. Rerun those "
+            "cells at a longer budget before reading them.",
             "",
         ]
     spread = data.get("seed_spread") or []

@@ -138,9 +138,9 @@ def summarise_validation(
         "training": "AdamW (weight decay 0.1 on matrices, none on embeddings and vectors), cosine to 0 over all "
         "epochs, no warmup, loss at the asked positions, test accuracy after every epoch, early stop at 0.99",
         "zoology_differences": "train examples 16,000 repeated each epoch (zoology 100,000), batch 64 (zoology "
-        "512; 256 at seq_len 256), at most 8 epochs (zoology 64), vocab max(256, 2 * seq_len) unless a run's "
-        "config says 8192 (zoology 8192: with 16,000 examples each key token is seen ~30 times an epoch), RoPE "
-        "instead of learned absolute positions, RMSNorm instead of LayerNorm",
+        "512; 256 at seq_len 256), 8 epochs unless a run's config says more (zoology 64), vocab max(256, "
+        "2 * seq_len) unless a run's config says 8192 (zoology 8192: with 16,000 examples each key token is seen ~30 "
+        "times an epoch), RoPE instead of learned absolute positions, RMSNorm instead of LayerNorm",
         "command": command,
         "run_commands": sorted({r["command"] for r in runs if r.get("command")}),
         "git_commit": git_commit(),

@@ -174,6 +174,48 @@ def test_gradient_checkpointing_gives_same_gradients(family):
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("family", ["attn_stream", "palimpsa"])
+def test_compiled_model_equals_eager(family):
+    """`training.compile` trains `model.compile()`d models: the loss, logits and every gradient must be the eager
+    ones (Palimpsa's chunked op with its hand-written backward included)."""
+    from amformers.train.config import compile_model
+
+    model = FAMILIES[family][0]().train()
+    x = ids(2, 40)  # longer than one Palimpsa chunk
+
+    def run():
+        model.zero_grad()
+        out = model(x, labels=x)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        return out.loss.detach(), out.logits.detach(), grads
+
+    loss, logits, grads = run()
+    why_not = compile_model(model, "cpu")
+    if why_not is not None:
+        pytest.skip(f"torch.compile cannot run on this machine: {why_not}")
+    compiled_loss, compiled_logits, compiled_grads = run()
+    assert model._compiled_call_impl is not None
+    torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_logits, logits, atol=1e-4, rtol=1e-4)
+    assert compiled_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(compiled_grads[name], grads[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_compile_falls_back_to_eager_where_it_cannot_run(monkeypatch):
+    from amformers.train.config import compile_model
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    model = FAMILIES["palimpsa"][0]()
+    assert compile_model(model, "cpu") == "RuntimeError: no C++ compiler found"
+    assert model._compiled_call_impl is None  # left eager, and it still runs
+    assert torch.isfinite(model(ids(1, 5)).logits).all()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # PEFT LoRA and lm-eval
 

@@ -343,6 +343,28 @@ def test_tiny_palimpsa_trains_and_saves(corpus, tmp_path, fresh_accelerate_state
     assert model.config.model_type == "palimpsa"
 
 
+@pytest.mark.parametrize("why_not", [None, "RuntimeError: no C++ compiler found"])
+def test_compile_setting_compiles_or_says_why_not(
+    why_not, corpus, tmp_path, monkeypatch, capsys, fresh_accelerate_state
+):
+    """`training.compile: true` hands the model to `compile_model` (held equal to eager in test_integration.py) on
+    the run's device, and a machine that cannot compile trains eagerly and says so."""
+    calls = []
+
+    def fake_compile_model(model, device):
+        calls.append((type(model).__name__, torch.device(device).type))
+        return why_not
+
+    monkeypatch.setattr(loop, "compile_model", fake_compile_model)
+    config = tiny_config(tmp_path, corpus, gradient_accumulation_steps=1, save_every=0, eval_every=0, compile=True)
+    output = tmp_path / "out"
+    pretrain.main(["--config", str(config), "--output_dir", str(output), "--max_steps", "2"])
+    assert calls == [("AttnStreamForCausalLM", "cpu")]
+    expected = "model compiled with torch.compile" if why_not is None else f"torch.compile unavailable ({why_not})"
+    assert expected in capsys.readouterr().out
+    assert len(records(output, "train")) == 2
+
+
 def test_accumulated_loss_is_token_exact(fresh_accelerate_state):
     """Micro-batches with different numbers of target tokens give the gradient of the full batch's mean loss."""
     import copy

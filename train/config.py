@@ -46,6 +46,7 @@ TRAINING_DEFAULTS = {
     "max_grad_norm": 1.0,
     "mixed_precision": None,  # None: as `accelerate launch` says (its config file or --mixed_precision)
     "gradient_checkpointing": False,
+    "compile": False,  # torch.compile the model (inductor); trains eagerly where this machine cannot compile
     "log_every": 10,
     "eval_every": 500,
     "eval_batches": 50,
@@ -239,6 +240,19 @@ def build_model(model_config, attn_implementation: str | None = None, device: st
     context = torch.device(device) if device else contextlib.nullcontext()
     with context:
         return AutoModelForCausalLM.from_config(model_config, **kwargs)
+
+
+def compile_model(model, device: torch.device | str) -> str | None:
+    """`torch.compile` the model in place (`nn.Module.compile`: parameter names, saving and resuming are unchanged).
+    Returns None when compiled, else why not: a machine that cannot compile on `device` (no C++ compiler for inductor
+    on a CPU, no Triton on a GPU) is found with a one-line probe before training and leaves the model eager."""
+    try:
+        probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2.0, fullgraph=True)
+        probe(torch.ones(4, device=device))
+    except Exception as error:  # any compiler failure means: train eagerly
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+    model.compile()
+    return None
 
 
 def count_parameters(model) -> int:

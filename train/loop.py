@@ -26,7 +26,14 @@ import torch
 import yaml
 
 from .checkpoints import resolve_resume, restore, run_identity, save_checkpoint, trainer_state
-from .config import build_model, build_model_config, build_optimizer, build_scheduler, count_parameters
+from .config import (
+    build_model,
+    build_model_config,
+    build_optimizer,
+    build_scheduler,
+    compile_model,
+    count_parameters,
+)
 from .data import DataConfig, build_datasets, build_loaders, dataset_summary, micro_batches
 from .export import export_final_model, push_to_hub
 from .metrics import LOG_PREFIX, MetricsLog, Throughput, TrainRecords, log
@@ -166,6 +173,14 @@ def train(args, config: dict) -> Path:
     model = build_model(model_config, config["attn_implementation"])
     if training["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if training["compile"]:
+        why_not = compile_model(model, accelerator.device)
+        if is_main:
+            log(
+                "model compiled with torch.compile"
+                if why_not is None
+                else f"torch.compile unavailable ({why_not}); training eagerly"
+            )
     parameters = count_parameters(model)
     if is_main:
         log(f"data: train {dataset_summary(train_blocks)}, validation {dataset_summary(valid_blocks)}")

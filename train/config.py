@@ -251,7 +251,7 @@ def compile_model(model, device: torch.device | str) -> str | None:
         probe(torch.ones(4, device=device))
     except Exception as error:  # any compiler failure means: train eagerly
         return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
-    model.compile()
+    model.compile(dynamic=False)  # the loop's batches keep one shape: no symbolic-shape graphs
     return None
 
 

@@ -250,7 +250,8 @@ def compile_model(model, device: torch.device | str) -> str | None:
         probe = torch.compile(lambda x: torch.nn.functional.silu(x) * 2.0, fullgraph=True)
         probe(torch.ones(4, device=device))
     except Exception as error:  # any compiler failure means: train eagerly
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"[:300]
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first_line}"[:300]
     model.compile(dynamic=False)  # the loop's batches keep one shape: no symbolic-shape graphs
     return None
 

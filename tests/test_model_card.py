@@ -42,11 +42,12 @@ def tiny_run(tmp_path, tiny_tokenizer):
 
 def test_a_rendered_card_tells_how_to_load_and_what_generate_does(tiny_run):
     folder, model, config = tiny_run
-    card = ModelCard.load(write_folder_card(folder, repo_id="someone/tiny"))
+    repo_id = "someone/tiny"  # the card shows how to load the pushed repo; nothing is downloaded here
+    card = ModelCard.load(write_folder_card(folder, repo_id=repo_id))
     text = card.text
     assert "import amformers  # registers `attn_stream`" in text
-    assert 'AutoModelForCausalLM.from_pretrained("someone/tiny")\n' in text
-    assert 'AutoModelForCausalLM.from_pretrained("someone/tiny", trust_remote_code=True)' in text
+    assert f'AutoModelForCausalLM.from_pretrained("{repo_id}")\n' in text
+    assert f'AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)' in text
     generation = config["generation"]
     assert generation["do_sample"]
     assert (

@@ -7,7 +7,8 @@ random batch (`--batch` x `--seq_len` tokens; the 8M runs use 32 x 256, split he
 one torch thread, taking turns for `--rounds` rounds (each model's best round counts). The ratio
 `palimpsa_over_attn_stream` is AttnStream's step time over Palimpsa's, the same direction as the tokens/s ratio of
 `bench/train_throughput.py`. The Palimpsa step is then profiled once: the memory op (its forward and hand-written
-backward, `PalimpsaChunkFunction`), the dense matrix products (`aten::mm`, i.e. projections, MLP and LM head),
+backward: `PalimpsaCpuFunction`, the fused C++ loop, or `PalimpsaChunkFunction` where that cannot build), the dense
+matrix products (`aten::mm`, i.e. projections, MLP and LM head),
 and the rest. `--no-compile` skips the compiled models (compiling takes a minute or two per model on a CPU).
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from amformers.modeling.kernels.palimpsa_cpu import cpu_kernel_unavailable
 from amformers.train.config import build_model, build_model_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +59,9 @@ def profile_palimpsa(model, ids) -> dict:
         event = events.get(name)
         return 0.0 if event is None else event.self_cpu_time_total if own_only else event.cpu_time_total
 
-    op_forward, op_backward = cpu_time("PalimpsaChunkFunction"), cpu_time("PalimpsaChunkFunctionBackward")
+    # Whichever path the default picked: the fused C++ loop where it builds, else the chunked scan.
+    op_forward = cpu_time("PalimpsaCpuFunction") + cpu_time("PalimpsaChunkFunction")
+    op_backward = cpu_time("PalimpsaCpuFunctionBackward") + cpu_time("PalimpsaChunkFunctionBackward")
     mm = cpu_time("aten::mm", own_only=True)
     return {
         "memory_op_forward": op_forward / total,
@@ -109,6 +113,7 @@ def main(argv=None) -> dict:
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
+        "palimpsa_memory_op": "palimpsa_chunk" if cpu_kernel_unavailable() else "palimpsa_cpu (fused C++)",
         "seconds_per_step": seconds,
         "palimpsa_over_attn_stream": {
             "eager": ratio("palimpsa-8m", "attn_stream-8m"),

@@ -46,13 +46,15 @@ from .palimpsa_cache import PalimpsaCache, check_cache, read_cache, write_cache
 from .remote_code import SavesRemoteCode
 
 # How `attn_implementation` (config, `from_pretrained(..., attn_implementation=...)` or `set_attn_implementation`)
-# picks the path of the memory op, decided here only. "eager", the default: the PyTorch paths (chunked for prompts
-# and training, the one-token recurrence when decoding). The others force one path: the token loop the paper
-# writes (slow; the reference every fast path is tested against), the chunked PyTorch scan, or the Triton kernels.
+# picks the path of the memory op, decided here only. "eager", the default: the fastest path that runs here (see
+# `palimpsa_attention(impl="auto")`: on CPU the fused C++ loop when it builds, else the chunked PyTorch scan; the
+# one-token recurrence when decoding). The others force one path: the token loop the paper writes (slow; the
+# reference every fast path is tested against), the chunked PyTorch scan, the C++ CPU loop, or the Triton kernels.
 MEMORY_OPS = {
     "eager": "auto",
     "palimpsa_reference": "reference",
     "palimpsa_chunk": "chunk",
+    "palimpsa_cpu": "cpu",
     TRITON_ATTN_IMPLEMENTATION: "triton",
 }
 
@@ -409,8 +411,8 @@ class PalimpsaPreTrainedModel(SavesRemoteCode, PreTrainedModel):
             raise ValueError(
                 f"Palimpsa has no attention implementation {requested_attention!r}: its layers are a recurrent memory. "
                 f"Choose one of {list(MEMORY_OPS)}: 'eager' (the PyTorch paths, the default), 'palimpsa_reference' "
-                "(the paper's token loop), 'palimpsa_chunk' (the chunked PyTorch scan) or "
-                f"{TRITON_ATTN_IMPLEMENTATION!r} (the Triton kernels, CUDA)."
+                "(the paper's token loop), 'palimpsa_chunk' (the chunked PyTorch scan), 'palimpsa_cpu' (the fused C++ "
+                f"loop, CPU) or {TRITON_ATTN_IMPLEMENTATION!r} (the Triton kernels, CUDA)."
             )
         return requested_attention
 

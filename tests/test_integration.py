@@ -34,7 +34,14 @@ FAMILIES = {
     "palimpsa": (
         palimpsa_model,
         lambda: PalimpsaForCausalLM(palimpsa_config(initializer_range=0.02)),
-        ("modeling_palimpsa.py", "configuration_palimpsa.py", "palimpsa.py", "palimpsa_chunk.py", "palimpsa_triton.py"),
+        (
+            "modeling_palimpsa.py",
+            "configuration_palimpsa.py",
+            "palimpsa.py",
+            "palimpsa_chunk.py",
+            "palimpsa_cpu.py",
+            "palimpsa_triton.py",
+        ),
     ),
     "meta_mamba2": (
         lambda: palimpsa_model(**PALIMPSA_VARIANTS["meta_mamba2"]),
@@ -101,8 +108,8 @@ def test_trust_remote_code_loads_without_the_package(family, tmp_path, tiny_toke
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK transformers_modules" in result.stdout and "(2, 7)" in result.stdout
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x).logits, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # float32 rounding apart: a remote-code copy has no C++ source, so Palimpsa runs chunked
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x).logits, atol=1e-5, rtol=1e-5)
     # a model loaded through remote code saves a folder that loads again (here with the package)
     resaved = AutoModelForCausalLM.from_pretrained(f"{model_dir}-resaved").eval()
     with torch.no_grad():

@@ -304,6 +304,7 @@ def test_invalid_inputs_raise_clear_errors():
         ("eager", "auto"),
         ("palimpsa_reference", "reference"),
         ("palimpsa_chunk", "chunk"),
+        ("palimpsa_cpu", "cpu"),
         ("amformers_triton", "triton"),
     ],
 )

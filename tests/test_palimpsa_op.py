@@ -149,20 +149,21 @@ def test_metaplasticity_off_path_equals_reference(with_state):
 
 
 def test_dispatcher_picks_the_cheap_path_only_when_it_is_exact(monkeypatch):
+    """impl="chunk" with beta=None: gated linear attention (matrix products) only while I stays at the prior."""
     q, k, v, beta, log_alpha, state = make_inputs(B=1, T=9, H=3, K=4, V=3, with_state=True, dtype=torch.float32)
     calls = []
     original = chunk_module.palimpsa_chunk
     monkeypatch.setattr(
         sys.modules[palimpsa_attention.__module__], "palimpsa_chunk", lambda *a: calls.append(1) or original(*a)
     )
-    palimpsa_attention(q, k, v, None, log_alpha)  # beta off, state at the prior: matrix products only
+    palimpsa_attention(q, k, v, None, log_alpha, impl="chunk")  # beta off, state at the prior: matrix products only
     assert calls == []
     reference = palimpsa_attention(q, k, v, None, log_alpha, initial_state=state, impl="reference")
-    out = palimpsa_attention(q, k, v, None, log_alpha, initial_state=state)  # I_0 != prior: I still moves
+    out = palimpsa_attention(q, k, v, None, log_alpha, initial_state=state, impl="chunk")  # I_0 != prior: I moves
     assert calls == [1]
     assert_close("o with a moving prior", out[0], reference[0], 1e-5)
     at_prior = (state[0], torch.ones_like(state[1]).requires_grad_(True))
-    palimpsa_attention(q, k, v, None, log_alpha, initial_state=at_prior)  # dI_0 asked for: exact path
+    palimpsa_attention(q, k, v, None, log_alpha, initial_state=at_prior, impl="chunk")  # dI_0 asked for: exact path
     assert calls == [1, 1]
 
 

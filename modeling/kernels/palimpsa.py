@@ -14,16 +14,18 @@ large I makes an entry stiff, so the importance beta decides which memories stay
 precision stays at the prior Ip and this is plain gated linear attention divided by Ip.
 
 This file holds the public dispatcher `palimpsa_attention` and `palimpsa_reference`, the plain token loop
-that every fast path is tested against. The chunked-parallel PyTorch path lives in `palimpsa_chunk.py`; an
-optional Triton path in `palimpsa_triton.py` is imported lazily.
+that every fast path is tested against. The chunked-parallel PyTorch path lives in `palimpsa_chunk.py`, the fused
+C++ CPU loop in `palimpsa_cpu.py` (built on first use); an optional Triton path in `palimpsa_triton.py` is imported
+lazily.
 """
 
 import torch
 
 from .palimpsa_chunk import gated_linear_attention_chunk, palimpsa_chunk
+from .palimpsa_cpu import cpu_kernel_unavailable, palimpsa_cpu
 from .triton_support import load_triton_kernel
 
-IMPLS = ("auto", "reference", "chunk", "triton")
+IMPLS = ("auto", "reference", "chunk", "cpu", "triton")
 
 
 def prior_as_tensor(prior_precision, num_heads: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -168,8 +170,10 @@ def palimpsa_attention(
         initial_state: (mu, I), each [B, H, V, K]; defaults to mu = 0, I = prior.
         output_final_state: also return the state after the last token (float32).
         output_uncertainty: also return var_t[v] = sum_k q_t[k]^2 / I_t[v, k], the posterior variance readout.
-        impl: "reference" (token loop), "chunk" (chunked-parallel PyTorch), "triton", or "auto" (the token loop
-            for a single token, i.e. decoding, else "chunk").
+        impl: "reference" (token loop), "chunk" (chunked-parallel PyTorch; with beta=None from the prior, gated
+            linear attention in matrix products), "cpu" (fused C++ token loop, CPU tensors), "triton", or "auto":
+            the token loop for a single token (decoding), else "cpu" on CPU when the C++ op builds here
+            (`cpu_kernel_unavailable()` says why not), otherwise "chunk".
         validate: check the values of prior_precision, beta and log_alpha (one host read-back each). Callers
             whose gates are positive and forgetting factors at most 1 by construction (the models) pass False.
         precision_is_prior: with beta=None, whether the initial precision equals the prior, which allows the cheaper
@@ -184,6 +188,8 @@ def palimpsa_attention(
         return _empty_result(q, v, prior_precision, initial_state, output_final_state, output_uncertainty)
     if impl == "auto":
         impl = "reference" if q.shape[1] == 1 else "chunk"
+        if impl == "chunk" and q.device.type == "cpu" and cpu_kernel_unavailable() is None:
+            impl = "cpu"
     arguments = (
         q,
         k,
@@ -206,12 +212,16 @@ def palimpsa_attention(
             return palimpsa_reference(*arguments)
         if precision_is_prior is None:
             precision_is_prior = beta is None and _precision_is_prior(initial_state, prior_precision)
-        if beta is None and not output_uncertainty and precision_is_prior:
+        # beta = 0 with the precision at the prior: I never moves, so this is gated linear attention divided by Ip
+        linear = beta is None and precision_is_prior
+        if beta is None and (not linear or impl == "chunk" and output_uncertainty):
+            arguments = (q, k, v, torch.zeros_like(v), *arguments[4:])  # the full recurrence with beta = 0
+        if impl == "cpu":  # beta=None (from the prior) runs the C++ loop's cheap mode: only the numerator moves
+            return palimpsa_cpu(*arguments)
+        if linear and not output_uncertainty:  # all matrix products
             return gated_linear_attention_chunk(
                 q, k, v, log_alpha, prior_precision, scale, initial_state, output_final_state
             )
-        if beta is None:
-            arguments = (q, k, v, torch.zeros_like(v), *arguments[4:])
         return palimpsa_chunk(*arguments)
 
 

@@ -40,7 +40,8 @@ from transformers.utils.output_capturing import capture_outputs
 from ..configuration.configuration_palimpsa import PalimpsaConfig
 from .compat import CACHE_NAME, GENERATE_SUPPORTS_RECURRENT_CACHES, legacy_cache_name, resolve_cache, with_cache
 from .input_checks import check_labels, check_model_inputs
-from .kernels.palimpsa import palimpsa_attention
+from .kernels.palimpsa import palimpsa_attention, uses_cpu_ops
+from .kernels.palimpsa_cpu import causal_conv_cpu
 from .kernels.triton_support import TRITON_ATTN_IMPLEMENTATION
 from .palimpsa_cache import PalimpsaCache, check_cache, read_cache, write_cache
 from .remote_code import SavesRemoteCode
@@ -64,18 +65,21 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def causal_conv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, window: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, window: torch.Tensor | None, impl: str
 ) -> torch.Tensor:
     """SiLU of the depthwise causal convolution of x [B, T, C] (weight [C, conv_size], bias [C] or None),
     continuing from `window` [B, C, conv_size - 1], the previous inputs channels-first (None: zeros, a fresh start).
 
-    Written as a sum of shifted products (conv_size terms): on CPU its backward is faster than Conv1d's.
+    Written as a sum of shifted products (conv_size terms): on CPU its backward is faster than Conv1d's. Where the
+    memory op's path `impl` runs the C++ CPU ops, the same computation runs there in one fused pass.
     """
     T, width = x.shape[1], weight.shape[1] - 1
     weight = weight.to(x.dtype)
     if window is None:
         window = x.new_zeros(x.shape[0], x.shape[2], width)
     full = torch.cat([window.transpose(1, 2).to(x.dtype), x], dim=1)
+    if uses_cpu_ops(impl, x.device):
+        return causal_conv_cpu(full, weight, bias)
     out = full[:, :T] * weight[:, 0]
     for i in range(1, width + 1):
         out = out + full[:, i : i + T] * weight[:, i]
@@ -178,7 +182,8 @@ class PalimpsaMixer(nn.Module):
         convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
         weight = torch.cat([conv.weight[:, 0] for conv in convs])
         bias = torch.cat([conv.bias for conv in convs]) if self.config.conv_bias else None
-        q, k, x = causal_conv(qkx, weight, bias, window).split([H * K, H * K, H * V], dim=-1)
+        impl = MEMORY_OPS[self.config._attn_implementation]
+        q, k, x = causal_conv(qkx, weight, bias, window, impl).split([H * K, H * K, H * V], dim=-1)
         q, k = l2_normalize(q.reshape(B, T, H, K)), l2_normalize(k.reshape(B, T, H, K))
         x = x.reshape(B, T, H, V)
 
@@ -212,7 +217,7 @@ class PalimpsaMixer(nn.Module):
             initial_state=state,
             output_final_state=cache is not None,
             output_uncertainty=output_uncertainty,
-            impl=MEMORY_OPS[self.config._attn_implementation],
+            impl=impl,
             validate=False,
             precision_is_prior=not self.config.metaplastic,
         )
@@ -284,7 +289,8 @@ class MetaMamba2Mixer(nn.Module):
         if mask is not None:
             conv_inputs = conv_inputs * mask[..., None]
         bias = self.conv1d.bias if self.config.conv_bias else None
-        xBC = causal_conv(conv_inputs, self.conv1d.weight[:, 0], bias, window)
+        impl = MEMORY_OPS[self.config._attn_implementation]
+        xBC = causal_conv(conv_inputs, self.conv1d.weight[:, 0], bias, window, impl)
         x, Bk, C = xBC.split([self.inner_size, G * K, G * K], dim=-1)
         x = x.view(B, T, H, V)
         q = C.view(B, T, G, K).repeat_interleave(H // G, dim=2)
@@ -312,7 +318,7 @@ class MetaMamba2Mixer(nn.Module):
             initial_state=state,
             output_final_state=cache is not None,
             output_uncertainty=output_uncertainty,
-            impl=MEMORY_OPS[self.config._attn_implementation],
+            impl=impl,
             validate=False,
             precision_is_prior=not self.config.metaplastic,
         )

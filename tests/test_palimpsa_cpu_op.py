@@ -10,7 +10,7 @@ from test_palimpsa_op import assert_close, make_inputs
 from amformers.modeling.kernels import palimpsa_attention
 from amformers.modeling.kernels import palimpsa_cpu as cpu_module
 from amformers.modeling.kernels.palimpsa import palimpsa_reference
-from amformers.modeling.kernels.palimpsa_cpu import cpu_kernel_unavailable, palimpsa_cpu
+from amformers.modeling.kernels.palimpsa_cpu import causal_conv_cpu, cpu_kernel_unavailable, palimpsa_cpu
 
 CAN_BUILD = shutil.which("c++") is not None and shutil.which("ninja") is not None
 
@@ -140,3 +140,30 @@ def test_auto_on_cpu_runs_the_cpu_op_for_every_mixer_setting(monkeypatch):
     palimpsa_attention(q, k, v, None, log_alpha, output_uncertainty=True)
     palimpsa_attention(q, k, v, beta, log_alpha)
     assert calls == [False, True, False]  # beta passed as zeros, beta=None (cheap mode), beta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_causal_conv_equals_the_shifted_products_with_all_gradients(dtype, with_bias):
+    """The C++ short convolution against the model's PyTorch one (sum of shifted products), continuing a window."""
+    from amformers.modeling.modeling_palimpsa import causal_conv
+
+    g = torch.Generator().manual_seed(0)
+    B, T, C, W = 3, 11, 7, 4
+    x, weight = torch.randn(B, T, C, generator=g, dtype=dtype), torch.randn(C, W, generator=g, dtype=dtype)
+    window, bias = torch.randn(B, C, W - 1, generator=g, dtype=dtype), torch.randn(C, generator=g, dtype=dtype)
+    inputs = [x, weight, window, *([bias] if with_bias else [])]
+    for t in inputs:
+        t.requires_grad_(True)
+    bias_arg = bias if with_bias else None
+    slow = causal_conv(x, weight, bias_arg, window, impl="chunk")
+    fast = causal_conv_cpu(torch.cat([window.transpose(1, 2), x], dim=1), weight, bias_arg)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-13
+    assert fast.dtype == dtype
+    assert_close("y", fast, slow, tolerance)
+    upstream = torch.randn_like(slow)
+    for name, a, b in zip(["x", "weight", "window", "bias"], torch.autograd.grad(fast, inputs, upstream),
+                          torch.autograd.grad(slow, inputs, upstream)):  # fmt: skip
+        assert_close(f"d{name}", a, b, tolerance)
+    # the model's own dispatch: impl="cpu" takes the fused path and gives the same values
+    torch.testing.assert_close(causal_conv(x, weight, bias_arg, window, impl="cpu"), fast)

@@ -83,6 +83,14 @@ def _register_fakes() -> None:
     def _backward(q, k, v, beta, log_alpha, prior, starts, d_o, d_var, d_final, scale, chunk):
         return tuple(x.new_empty(x.shape) for x in (q, k, v, beta, log_alpha, prior, d_final))
 
+    @torch.library.register_fake(f"{LIBRARY}::causal_conv_forward")
+    def _conv_forward(x, weight, bias):
+        return x.new_empty(x.shape[0], x.shape[1] - weight.shape[0] + 1, x.shape[2])
+
+    @torch.library.register_fake(f"{LIBRARY}::causal_conv_backward")
+    def _conv_backward(x, weight, d_z):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty(weight.shape[1])
+
 
 class PalimpsaCpuFunction(torch.autograd.Function):
     """The C++ forward and backward on [B, T, H, X] contiguous tensors; the state (M, E) as [B*H, 2, V, K]."""
@@ -107,6 +115,36 @@ class PalimpsaCpuFunction(torch.autograd.Function):
         )
         dq, dk, dv, dbeta, dlog_alpha, dprior, d_initial = grads
         return dq, dk, dv, dbeta, dlog_alpha, dprior, d_initial.transpose(-1, -2), None, None
+
+
+class CausalConvCpuFunction(torch.autograd.Function):
+    """The depthwise causal convolution in C++, one pass forward and one backward (palimpsa_cpu.cpp); weight
+    [W, C] (taps first)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias.numel() > 0
+        return getattr(torch.ops, LIBRARY).causal_conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, d_z):
+        x, weight = ctx.saved_tensors
+        d_x, d_weight, d_bias = getattr(torch.ops, LIBRARY).causal_conv_backward(x, weight, d_z.contiguous())
+        return d_x, d_weight, d_bias if ctx.has_bias else None
+
+
+def causal_conv_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SiLU(z), z[b, t, c] = bias[c] + sum_i weight[c, i] x[b, t + i, c]: x [B, T + W - 1, C] (the W - 1 inputs
+    before the first output, then the new ones), weight [C, W], bias [C] or None; returns [B, T, C] in x's dtype
+    (computed in float32, or float64 for float64). The convolution runs in C++; SiLU is PyTorch's."""
+    reason = cpu_kernel_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"The C++ CPU ops are unavailable: {reason}.")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    bias = x.new_empty(0, dtype=dtype) if bias is None else bias.to(dtype).contiguous()
+    z = CausalConvCpuFunction.apply(x.to(dtype).contiguous(), weight.to(dtype).t().contiguous(), bias)
+    return torch.nn.functional.silu(z).to(x.dtype)
 
 
 def palimpsa_cpu(
@@ -157,4 +195,4 @@ def palimpsa_cpu(
     return (o, final_state, var) if output_uncertainty else (o, final_state)
 
 
-__all__ = ["cpu_kernel_unavailable", "palimpsa_cpu"]
+__all__ = ["causal_conv_cpu", "cpu_kernel_unavailable", "palimpsa_cpu"]

@@ -87,6 +87,14 @@ def palimpsa_reference(
     return o, final_state
 
 
+def uses_cpu_ops(impl: str, device: torch.device) -> bool:
+    """Whether the path `impl` runs the C++ CPU ops (the memory op and the layer's short convolution) for tensors on
+    `device`: "cpu" always, "auto" on a CPU where they build (`cpu_kernel_unavailable()` says why not)."""
+    if impl == "cpu":
+        return True
+    return impl == "auto" and torch.device(device).type == "cpu" and cpu_kernel_unavailable() is None
+
+
 def _check_inputs(q, k, v, beta, log_alpha, prior_precision, initial_state, impl, validate) -> None:
     """Clear errors for inputs the recurrence cannot take (rather than a broadcasting error deep inside).
 
@@ -187,9 +195,7 @@ def palimpsa_attention(
     if q.shape[1] == 0:  # nothing to read or write: the state passes through
         return _empty_result(q, v, prior_precision, initial_state, output_final_state, output_uncertainty)
     if impl == "auto":
-        impl = "reference" if q.shape[1] == 1 else "chunk"
-        if impl == "chunk" and q.device.type == "cpu" and cpu_kernel_unavailable() is None:
-            impl = "cpu"
+        impl = "reference" if q.shape[1] == 1 else "cpu" if uses_cpu_ops("auto", q.device) else "chunk"
     arguments = (
         q,
         k,
@@ -250,4 +256,4 @@ def _precision_is_prior(initial_state, prior_precision) -> bool:
     return bool((precision == prior[None, :, None, None]).all())
 
 
-__all__ = ["palimpsa_attention", "palimpsa_reference"]
+__all__ = ["palimpsa_attention", "palimpsa_reference", "uses_cpu_ops"]

@@ -218,6 +218,72 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   });
 }
 
+// The layer's short convolution (depthwise, causal, linear; the caller applies SiLU):
+// z[b, t, c] = bias[c] + sum_i w[i, c] x[b, t + i, c] over the W taps, where x = [previous W - 1 inputs, the T new
+// ones] ([B, T + W - 1, C], channels last) and w is [W, C]. Every loop runs along the channels. The backward writes,
+// per batch row, dx (a gather over the taps) and that row's share of dw and dbias, which the caller sums over the
+// batch (no two threads write the same memory).
+template <typename scalar_t>
+void conv_forward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& z) {
+  const int64_t B = z.size(0), T = z.size(1), C = z.size(2), W = weight.size(0);
+  const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
+  const scalar_t* bp = bias.numel() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* zp = z.data_ptr<scalar_t>();
+  at::parallel_for(0, B * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      const scalar_t* xr = xp + (b * (T + W - 1) + t) * C;
+      scalar_t* zr = zp + bt * C;
+      if (bp)
+        std::copy(bp, bp + C, zr);
+      else
+        std::fill(zr, zr + C, scalar_t(0));
+      for (int64_t i = 0; i < W; ++i) {
+        const scalar_t *xi = xr + i * C, *wi = wp + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) zr[c] += wi[c] * xi[c];
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void conv_backward_kernel(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& d_z, at::Tensor& d_x,
+                          at::Tensor& d_weight_rows, at::Tensor& d_bias_rows) {
+  const int64_t B = d_z.size(0), T = d_z.size(1), C = d_z.size(2), W = weight.size(0);
+  const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>(), *gp = d_z.data_ptr<scalar_t>();
+  scalar_t *dxp = d_x.data_ptr<scalar_t>(), *dwp = d_weight_rows.data_ptr<scalar_t>();
+  scalar_t* dbp = d_bias_rows.data_ptr<scalar_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* xb = xp + b * (T + W - 1) * C;
+      const scalar_t* gb = gp + b * T * C;
+      scalar_t *dw = dwp + b * W * C, *db = dbp + b * C, *dxb = dxp + b * (T + W - 1) * C;
+      std::fill(dw, dw + W * C, scalar_t(0));
+      std::fill(db, db + C, scalar_t(0));
+      for (int64_t s = 0; s < T + W - 1; ++s) {  // input row s fed outputs t = s - i, i over the taps
+        scalar_t* dxr = dxb + s * C;
+        const scalar_t* xr = xb + s * C;
+        std::fill(dxr, dxr + C, scalar_t(0));
+        for (int64_t i = std::max<int64_t>(0, s - T + 1); i <= std::min(s, W - 1); ++i) {
+          const scalar_t *gr = gb + (s - i) * C, *wi = wp + i * C;
+          scalar_t* dwi = dw + i * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            dxr[c] += wi[c] * gr[c];
+            dwi[c] += gr[c] * xr[c];
+          }
+        }
+        if (s < T) {
+          const scalar_t* gr = gb + s * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) db[c] += gr[c];
+        }
+      }
+    }
+  });
+}
+
 void check(const at::Tensor& x, const char* name, const at::Tensor& like) {
   TORCH_CHECK(x.device().is_cpu(), "palimpsa_cpu: `", name, "` must be on the CPU");
   TORCH_CHECK(x.is_contiguous(), "palimpsa_cpu: `", name, "` must be contiguous");
@@ -267,6 +333,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dq, dk, dv, dbeta, dlog_alpha, dprior, d_initial};
 }
 
+at::Tensor causal_conv_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  for (auto [t, name] : {std::pair{x, "x"}, {weight, "weight"}, {bias, "bias"}}) check(t, name, x);
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 2 && weight.size(1) == x.size(2) && x.size(1) >= weight.size(0),
+              "causal_conv: x must be [B, T + W - 1, C] and weight [W, C]");
+  auto z = at::empty({x.size(0), x.size(1) - weight.size(0) + 1, x.size(2)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_forward",
+                             [&] { conv_forward_kernel<scalar_t>(x, weight, bias, z); });
+  return z;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv_backward(const at::Tensor& x, const at::Tensor& weight,
+                                                                    const at::Tensor& d_z) {
+  for (auto [t, name] : {std::pair{x, "x"}, {weight, "weight"}, {d_z, "d_z"}}) check(t, name, x);
+  auto d_x = at::empty_like(x);
+  auto d_weight_rows = at::empty({x.size(0), weight.size(0), weight.size(1)}, x.options());
+  auto d_bias_rows = at::empty({x.size(0), weight.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv_backward", [&] {
+    conv_backward_kernel<scalar_t>(x, weight, d_z, d_x, d_weight_rows, d_bias_rows);
+  });
+  return {d_x, d_weight_rows.sum(0), d_bias_rows.sum(0)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(amformers_palimpsa_cpu, m) {
@@ -275,9 +363,13 @@ TORCH_LIBRARY(amformers_palimpsa_cpu, m) {
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor beta, Tensor log_alpha, Tensor prior, Tensor starts, "
         "Tensor d_o, Tensor d_var, Tensor d_final, float scale, int chunk) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("causal_conv_forward(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  m.def("causal_conv_backward(Tensor x, Tensor weight, Tensor d_z) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(amformers_palimpsa_cpu, CPU, m) {
   m.impl("forward", &palimpsa_cpu_forward);
   m.impl("backward", &palimpsa_cpu_backward);
+  m.impl("causal_conv_forward", &causal_conv_forward);
+  m.impl("causal_conv_backward", &causal_conv_backward);
 }

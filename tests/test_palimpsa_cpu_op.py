@@ -167,3 +167,14 @@ def test_causal_conv_equals_the_shifted_products_with_all_gradients(dtype, with_
         assert_close(f"d{name}", a, b, tolerance)
     # the model's own dispatch: impl="cpu" takes the fused path and gives the same values
     torch.testing.assert_close(causal_conv(x, weight, bias_arg, window, impl="cpu"), fast)
+
+
+def test_model_compile_decides_the_cpu_ops_before_tracing(monkeypatch):
+    """A trace only reads whether the C++ ops exist, so `model.compile()` decides it first (else a model compiled
+    before any eager call would trace the PyTorch path for good)."""
+    from test_palimpsa_model import tiny_model
+
+    monkeypatch.setattr(cpu_module, "_loaded", {})  # as in a fresh process
+    model = tiny_model()
+    model.compile(dynamic=False)
+    assert cpu_module._loaded == {"error": None}

@@ -408,6 +408,13 @@ class PalimpsaPreTrainedModel(SavesRemoteCode, PreTrainedModel):
         # layers (config.layer_types). On 5.23 it builds none and `PalimpsaModel.forward` builds a PalimpsaCache.
         return GENERATE_SUPPORTS_RECURRENT_CACHES
 
+    def compile(self, *args, **kwargs):
+        """`nn.Module.compile`, after deciding (building, the first time on this machine) the C++ CPU ops: a trace
+        only reads that decision, so a model compiled before any eager call would otherwise trace the PyTorch path.
+        (`torch.compile(model)` traces what the first eager call decided, or the PyTorch path before one.)"""
+        uses_cpu_ops(MEMORY_OPS[self.config._attn_implementation], self.device)
+        return super().compile(*args, **kwargs)
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """transformers' validation hook for `attn_implementation`: the names of `MEMORY_OPS` only ("eager" when
         none is requested), so every path of the memory op can be chosen and any other name is refused here."""

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from test_palimpsa_op import assert_close, make_inputs
+from test_palimpsa_op import assert_close, check_against_reference, make_inputs
 
 from amformers.modeling.kernels import palimpsa_attention
 from amformers.modeling.kernels import palimpsa_cpu as cpu_module
@@ -33,26 +33,10 @@ def test_cpu_op_equals_reference_with_all_gradients(dtype, with_state, checkpoin
     """T = 37: with checkpoints every 8 tokens the backward recomputes 5 segments (the last one short), with 64 one
     segment. Every output (o, final mu and I, var) feeds the loss; the prior is per head and differentiated."""
     monkeypatch.setattr(cpu_module, "CHECKPOINT_EVERY", checkpoint_every)
-    q, k, v, beta, log_alpha, state = make_inputs(with_state=with_state, seed=checkpoint_every)
-    prior = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
-    inputs = [q, k, v, beta, log_alpha, prior, *(state or ())]
-    for x in inputs:
-        x.requires_grad_(True)
-    slow = palimpsa_reference(q, k, v, beta, log_alpha, prior, None, state, True, True)
-    fast_inputs = [x.detach().to(dtype).requires_grad_(True) for x in inputs]
-    fq, fk, fv, fbeta, flog_alpha, fprior, *fstate = fast_inputs
-    fast = palimpsa_cpu(fq, fk, fv, fbeta, flog_alpha, fprior, None, tuple(fstate) or None, True, True)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-12
-    slow_outputs = [slow[0], *slow[1], slow[2]]
-    fast_outputs = [fast[0], *fast[1], fast[2]]
-    for name, a, b in zip(["o", "mu_T", "I_T", "var"], fast_outputs, slow_outputs):
-        assert a.dtype == dtype
-        assert_close(name, a, b, tolerance)
-    upstream = [torch.randn_like(x) for x in slow_outputs]
-    slow_grads = torch.autograd.grad(slow_outputs, inputs, upstream)
-    fast_grads = torch.autograd.grad(fast_outputs, fast_inputs, [u.to(dtype) for u in upstream])
-    for name, a, b in zip(["q", "k", "v", "beta", "log_alpha", "prior", "mu_0", "I_0"], fast_grads, slow_grads):
-        assert_close(f"d{name}", a, b, tolerance)
+    check_against_reference(
+        lambda *inputs: palimpsa_cpu(*inputs, True, True), with_state, checkpoint_every, dtype, tolerance
+    )
 
 
 def test_cpu_op_without_optional_outputs_and_with_a_float_prior():
@@ -81,7 +65,7 @@ def test_auto_runs_the_cpu_op_on_cpu_and_falls_back_when_it_cannot_build(monkeyp
     assert calls == ["palimpsa_cpu", "palimpsa_chunk"]
     torch.testing.assert_close(fused[0], fallback[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused[1][0], fallback[1][0], atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="C\\+\\+ CPU op is unavailable: no compiler \\(as if\\).*impl='chunk'"):
+    with pytest.raises(RuntimeError, match="C\\+\\+ CPU ops are unavailable: no compiler \\(as if\\).*impl='chunk'"):
         palimpsa_attention(q, k, v, beta, log_alpha, impl="cpu")
 
 

@@ -58,28 +58,34 @@ def test_backward_in_groups_of_chunks_equals_reference(monkeypatch):
 
 
 def check_chunk_against_reference(with_state, chunk_size):
-    q, k, v, beta, log_alpha, state = make_inputs(with_state=with_state, seed=chunk_size)
+    check_against_reference(
+        lambda *inputs: palimpsa_chunk(*inputs, True, True, chunk_size=chunk_size), with_state, seed=chunk_size
+    )
+
+
+def check_against_reference(fast_op, with_state, seed, dtype=torch.float32, tolerance=TOLERANCE):
+    """`fast_op(q, k, v, beta, log_alpha, prior, scale, initial_state)` (returning o, final state and var) against
+    the fp64 token loop: every output and every gradient, the per-head prior and the initial state included."""
+    q, k, v, beta, log_alpha, state = make_inputs(with_state=with_state, seed=seed)
     prior = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)  # per-head prior, differentiated too
     inputs = [q, k, v, beta, log_alpha, prior, *(state or ())]
     for x in inputs:
         x.requires_grad_(True)
     slow = palimpsa_reference(q, k, v, beta, log_alpha, prior, None, state, True, True)
-    fast_inputs = [x.detach().float().requires_grad_(True) for x in inputs]
+    fast_inputs = [x.detach().to(dtype).requires_grad_(True) for x in inputs]
     fq, fk, fv, fbeta, flog_alpha, fprior, *fstate = fast_inputs
-    fast = palimpsa_chunk(
-        fq, fk, fv, fbeta, flog_alpha, fprior, None, tuple(fstate) or None, True, True, chunk_size=chunk_size
-    )
+    fast = fast_op(fq, fk, fv, fbeta, flog_alpha, fprior, None, tuple(fstate) or None)
     slow_outputs = [slow[0], *slow[1], slow[2]]
     fast_outputs = [fast[0], *fast[1], fast[2]]
     for name, a, b in zip(["o", "mu_T", "I_T", "var"], fast_outputs, slow_outputs):
-        assert a.dtype == torch.float32
-        assert_close(name, a, b)
+        assert a.dtype == dtype
+        assert_close(name, a, b, tolerance)
     upstream = [torch.randn_like(x) for x in slow_outputs]
     slow_grads = torch.autograd.grad(slow_outputs, inputs, upstream)
-    fast_grads = torch.autograd.grad(fast_outputs, fast_inputs, [u.float() for u in upstream])
+    fast_grads = torch.autograd.grad(fast_outputs, fast_inputs, [u.to(dtype) for u in upstream])
     names = ["q", "k", "v", "beta", "log_alpha", "prior", "mu_0", "I_0"]
     for name, a, b in zip(names, fast_grads, slow_grads):
-        assert_close(f"d{name}", a, b)
+        assert_close(f"d{name}", a, b, tolerance)
 
 
 def test_chunk_handles_single_chunk_and_one_token_chunks():

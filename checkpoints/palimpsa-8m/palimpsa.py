@@ -218,13 +218,16 @@ def palimpsa_attention(
             return palimpsa_reference(*arguments)
         if precision_is_prior is None:
             precision_is_prior = beta is None and _precision_is_prior(initial_state, prior_precision)
-        # beta = 0 with the precision at the prior: I never moves, so this is gated linear attention divided by Ip
+        # beta = 0 with the precision at the prior: I never moves, so this is gated linear attention divided by Ip,
+        # which the C++ loop runs in its cheap mode (only the numerator moves) and the chunked path in matrix products
+        # (without the uncertainty readout). Any other beta = 0 needs the full recurrence.
         linear = beta is None and precision_is_prior
-        if beta is None and (not linear or impl == "chunk" and output_uncertainty):
-            arguments = (q, k, v, torch.zeros_like(v), *arguments[4:])  # the full recurrence with beta = 0
-        if impl == "cpu":  # beta=None (from the prior) runs the C++ loop's cheap mode: only the numerator moves
+        if beta is None and not (linear and (impl == "cpu" or not output_uncertainty)):
+            beta = torch.zeros_like(v)
+            arguments = (q, k, v, beta, *arguments[4:])
+        if impl == "cpu":
             return palimpsa_cpu(*arguments)
-        if linear and not output_uncertainty:  # all matrix products
+        if beta is None:
             return gated_linear_attention_chunk(
                 q, k, v, log_alpha, prior_precision, scale, initial_state, output_final_state
             )

@@ -1,10 +1,10 @@
 """Palimpsa as one fused C++ token loop per (batch, head): the fast CPU path (source and maths: palimpsa_cpu.cpp).
 
-The op is compiled from `palimpsa_cpu.cpp` on first use by torch's C++ extension loader (about 15 s with g++;
-cached by torch under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and rebuilt when the source
-changes). `cpu_kernel_unavailable()` says why it cannot be used here (no compiler or ninja, a failed build, the
-source missing beside a remote-code copy); `palimpsa_attention(impl="auto")` then takes the chunked PyTorch path,
-which computes the same thing.
+The ops are compiled from `palimpsa_cpu.cpp` once, on first use, by torch's C++ extension loader (cached by torch
+under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions, and rebuilt when the source changes).
+`cpu_kernel_unavailable()` says why they cannot be used here (no compiler or ninja, a failed build, the source
+missing beside a remote-code copy); `palimpsa_attention(impl="auto")` then takes the chunked PyTorch path, which
+computes the same thing.
 """
 
 import hashlib
@@ -36,7 +36,7 @@ def cpu_kernel_unavailable() -> str | None:
 
 
 def _build() -> str | None:
-    if hasattr(torch.ops, LIBRARY) and hasattr(getattr(torch.ops, LIBRARY), "forward"):
+    if hasattr(getattr(torch.ops, LIBRARY), "forward"):
         return None  # loaded by another copy of this module (e.g. the package beside a remote-code copy)
     if not SOURCE.is_file():
         return f"its C++ source {SOURCE.name} is not beside {Path(__file__).name}"
@@ -54,6 +54,12 @@ def _build() -> str | None:
         return f"building {SOURCE.name} failed: {type(error).__name__}: {str(error).strip()[-500:]}"
     _register_fakes()
     return None
+
+
+def _require_cpu_ops() -> None:
+    reason = cpu_kernel_unavailable()
+    if reason is not None:
+        raise RuntimeError(f"The Palimpsa C++ CPU ops are unavailable: {reason}. Use impl='chunk' instead.")
 
 
 def _cpu_tag() -> str:
@@ -138,9 +144,7 @@ def causal_conv_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """SiLU(z), z[b, t, c] = bias[c] + sum_i weight[c, i] x[b, t + i, c]: x [B, T + W - 1, C] (the W - 1 inputs
     before the first output, then the new ones), weight [C, W], bias [C] or None; returns [B, T, C] in x's dtype
     (computed in float32, or float64 for float64). The convolution runs in C++; SiLU is PyTorch's."""
-    reason = cpu_kernel_unavailable()
-    if reason is not None:
-        raise RuntimeError(f"The C++ CPU ops are unavailable: {reason}.")
+    _require_cpu_ops()
     dtype = torch.promote_types(x.dtype, torch.float32)
     bias = x.new_empty(0, dtype=dtype) if bias is None else bias.to(dtype).contiguous()
     z = CausalConvCpuFunction.apply(x.to(dtype).contiguous(), weight.to(dtype).t().contiguous(), bias)
@@ -163,9 +167,7 @@ def palimpsa_cpu(
     `beta=None` is gated linear attention divided by Ip (beta = 0 with the precision at the prior throughout, as
     `gated_linear_attention_chunk`: an initial state contributes its numerator I_0 mu_0, and the final precision is
     the prior). Raises RuntimeError with the reason when the op cannot be built here."""
-    reason = cpu_kernel_unavailable()
-    if reason is not None:
-        raise RuntimeError(f"The Palimpsa C++ CPU op is unavailable: {reason}. Use impl='chunk' instead.")
+    _require_cpu_ops()
     for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("log_alpha", log_alpha)):
         if x is not None and x.device.type != "cpu":
             raise ValueError(f"The Palimpsa C++ op runs on the CPU; `{name}` is on {x.device}. Use impl='chunk'.")

@@ -32,7 +32,6 @@
 
 namespace {
 
-template <typename scalar_t>
 struct Strides {
   int64_t B, T, H, K, V;
   int64_t key(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * K; }
@@ -65,7 +64,7 @@ template <typename scalar_t, bool metaplastic>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
                     const at::Tensor& log_alpha, const at::Tensor& prior, const at::Tensor& initial, double scale_,
                     int64_t chunk, at::Tensor& o, at::Tensor& var, at::Tensor& starts, at::Tensor& final) {
-  const Strides<scalar_t> s{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
+  const Strides s{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
   const int64_t V = s.V, K = s.K, VK = V * K, num_chunks = starts.size(1);
   const bool want_var = var.numel() > 0;
   const scalar_t scale = static_cast<scalar_t>(scale_);
@@ -120,7 +119,7 @@ void backward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& d_o, const at::Tensor& d_var, const at::Tensor& d_final, double scale_,
                      int64_t chunk, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dbeta,
                      at::Tensor& dlog_alpha, at::Tensor& dprior, at::Tensor& d_initial) {
-  const Strides<scalar_t> s{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
+  const Strides s{q.size(0), q.size(1), q.size(2), q.size(3), v.size(3)};
   const int64_t V = s.V, K = s.K, VK = V * K, num_chunks = starts.size(1);
   const bool with_var = d_var.numel() > 0;
   const scalar_t scale = static_cast<scalar_t>(scale_);

@@ -109,6 +109,31 @@ def test_mixer_matches_its_equations(gates):
         torch.testing.assert_close(out, reference_mixer(mixer, h), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["palimpsa", "not_palimpsa", "paper_gates"])
+def test_fused_input_projection_equals_each_layer_and_spares_hooks(variant):
+    """The layer's input projections run as one product over stacked weights; a hook (or an adapter) on any of them
+    makes each run itself, so the hook sees its call. Both give the same outputs and gradients."""
+    model = tiny_model(**VARIANTS[variant]).train()
+    mixer = model.model.layers[0].mixer
+    assert len(mixer.input_projections) == (7 if variant == "palimpsa" else 6)
+    h = torch.randn(2, 13, 32, requires_grad=True)
+
+    def outputs_and_gradients():
+        out, _ = mixer(h)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), [h, *mixer.parameters()])
+        return out, grads
+
+    fused = outputs_and_gradients()
+    seen = []
+    handle = mixer.k_proj.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    each = outputs_and_gradients()
+    handle.remove()
+    assert seen == [torch.Size([2, 13, mixer.num_heads * mixer.head_dim])]
+    torch.testing.assert_close(fused[0], each[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(fused[1], each[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_official_initialisation():
     model = PalimpsaForCausalLM(tiny_config(num_heads=64, hidden_size=64, head_dim=4, initializer_range=0.02))
     mixer = model.model.layers[0].mixer

@@ -153,6 +153,10 @@ class PalimpsaMixer(nn.Module):
         self.g_proj = nn.Linear(D, H * V, bias=False)
         self.o_norm = GatedRMSNorm(V, V, config.rms_norm_eps, norm_before_gate=True)
         self.o_proj = nn.Linear(H * V, D, bias=False)
+        # Every projection of the layer input, in the order `project_input` returns them.
+        gates = ["gamma_proj"] if self.paper_gates else ["dt_proj", "bs_proj"]
+        self.input_projections = ["q_proj", "k_proj", "v_proj", "g_proj", *gates]
+        self.input_projections += ["b_rank_proj"] if self.has_beta else []
 
     @torch.no_grad()
     def init_parameters(self):
@@ -171,11 +175,27 @@ class PalimpsaMixer(nn.Module):
         init.constant_(self.log_prior_precision, math.log(config.prior_precision))
         init.ones_(self.D)
 
+    def project_input(self, hidden_states) -> dict[str, torch.Tensor]:
+        """Each of `input_projections` applied to the layer input, by name. Where all are plain bias-free
+        `nn.Linear` layers without hooks, as one matrix product over their stacked weights (one wide product is
+        cheaper than several thin ones, forward and backward); otherwise (PEFT adapters, quantised layers, hooks)
+        each layer runs itself, so whatever wraps or watches it still sees its call."""
+        layers = [getattr(self, name) for name in self.input_projections]
+        if all(
+            type(x) is nn.Linear and x.bias is None and not (x._forward_hooks or x._forward_pre_hooks) for x in layers
+        ):
+            fused = F.linear(hidden_states, torch.cat([x.weight for x in layers]))
+            outputs = fused.split([x.out_features for x in layers], dim=-1)
+        else:
+            outputs = [x(hidden_states) for x in layers]
+        return dict(zip(self.input_projections, outputs))
+
     def forward(self, hidden_states, mask=None, cache=None, output_uncertainty=False):
         B, T, _ = hidden_states.shape
         H, K, V = self.num_heads, self.head_dim, self.value_dim
         window, state = read_cache(cache, self.layer_idx)
-        qkx = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+        projected = self.project_input(hidden_states)
+        qkx = torch.cat([projected["q_proj"], projected["k_proj"], projected["v_proj"]], -1)
         if mask is not None:  # padded positions feed zeros to the convolutions, as at a sequence start
             qkx = qkx * mask[..., None]
         # The three depthwise convolutions run as one over the stacked channels (one conv window in the cache).
@@ -188,17 +208,17 @@ class PalimpsaMixer(nn.Module):
         x = x.reshape(B, T, H, V)
 
         if self.has_beta:
-            beta = torch.sigmoid(self.b_proj(self.b_rank_proj(hidden_states)).float()).view(B, T, H, V)
+            beta = torch.sigmoid(self.b_proj(projected["b_rank_proj"]).float()).view(B, T, H, V)
         if self.paper_gates:
-            gamma = torch.sigmoid(self.gamma_proj(hidden_states).float())
+            gamma = torch.sigmoid(projected["gamma_proj"].float())
             window = self.config.window_init * self.log_window.float().exp()
             log_alpha = torch.log1p(-gamma / window)
             beta = gamma[..., None] * beta
             v = x * beta  # the paper writes beta * v: no input without importance
         else:
-            dt = F.softplus(self.dt_proj(hidden_states).float() + self.dt_bias.float())
+            dt = F.softplus(projected["dt_proj"].float() + self.dt_bias.float())
             log_alpha = -dt * self.A_log.float().exp()
-            input_gate = torch.sigmoid(self.bs_proj(hidden_states).float())[..., None]
+            input_gate = torch.sigmoid(projected["bs_proj"].float())[..., None]
             v = x * input_gate
             if self.has_beta:
                 beta = beta * F.softplus(self.b_scale.float())[:, None] * input_gate
@@ -224,7 +244,7 @@ class PalimpsaMixer(nn.Module):
         o = result[0]
         write_cache(cache, self.layer_idx, qkx, self.config.conv_size - 1, result[1])
         o = o + self.D.to(o.dtype)[:, None] * x
-        o = self.o_norm(o, self.g_proj(hidden_states).view(B, T, H, V))
+        o = self.o_norm(o, projected["g_proj"].view(B, T, H, V))
         return self.o_proj(o.reshape(B, T, H * V)), (result[2] if output_uncertainty else None)
 
 

@@ -46,7 +46,10 @@ def _build() -> str | None:
         load(
             name=f"{LIBRARY}_{_cpu_tag()}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            # -fopenmp: ATen's parallel_for is OpenMP pragmas in its header; without the flag they compile away
+            # and the op runs on one thread whatever torch.get_num_threads() says.
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )

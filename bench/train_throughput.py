@@ -2,6 +2,7 @@
 
     nice -n 10 python bench/train_throughput.py                 # 4 configs x 11 steps, several minutes on 2 cores
     python bench/train_throughput.py --configs attn_stream-8m --steps 6
+    python bench/train_throughput.py --configs attn_stream-8m palimpsa-8m --rounds 3   # in turn, median round
 
 Each config runs `python -m amformers.train.pretrain` in a fresh process on the default data mix (the
 shared TinyStories + books; tokenized once into the `datasets` cache), with its real batch (32 blocks of
@@ -10,7 +11,8 @@ turned off. The loop times every step after the first and, inside it, the forwar
 rest of a step (fetching and collating the batch, counting target tokens, clipping, the optimizer and
 scheduler, metrics) is the overhead, whose goal is under 5% of step time; the data and optimizer parts
 are reported separately. Throughputs are also given as a
-ratio to the Llama baseline (attn_stream-baseline-8m) measured in the same run.
+ratio to a baseline measured in the same run (`--baseline`; default the Llama twin, attn_stream-baseline-8m), with
+`--rounds` > 1 also round by round (each round runs every config once, in turn).
 
 Writes bench/results/train_throughput.json.
 """
@@ -75,21 +77,45 @@ def run_config(name: str, steps: int, output_root: Path, extra: list[str]) -> di
     }
 
 
+def median_round(runs: list[dict]) -> dict:
+    """A config's round with the median tokens/s (the lower middle one for an even count), with every round's
+    tokens/s beside it; a failed round is the result."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda run: run["tokens_per_second"])
+    result = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        result["tokens_per_second_by_round"] = [run["tokens_per_second"] for run in runs]
+    return result
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=11, help="optimizer steps per config (the first is untimed)")
     parser.add_argument("--output_root", default=str(REPO / "runs" / "bench_train_throughput"))
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "train_throughput.json"))
+    parser.add_argument("--baseline", default=BASELINE, help="the config every throughput is divided by")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the configs in turn this many times; each reports its median round"
+    )
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more pretrain arguments")
     args = parser.parse_args(argv)
 
-    results = []
-    for name in args.configs:
-        result = run_config(name, args.steps, Path(args.output_root), args.extra)
-        results.append(result)
-        print(json.dumps(result), flush=True)
-    baseline = next((r for r in results if r["config"] == BASELINE and "error" not in r), None)
+    rounds: dict[str, list[dict]] = {name: [] for name in args.configs}
+    for _ in range(args.rounds):  # in turn, so a slow spell of a shared host falls on every config alike
+        for name in args.configs:
+            rounds[name].append(run_config(name, args.steps, Path(args.output_root), args.extra))
+            print(json.dumps(rounds[name][-1]), flush=True)
+    results = [median_round(runs) for runs in rounds.values()]
+    base_runs = rounds.get(args.baseline, [{"error": "not run"}])
+    if args.rounds > 1 and not any("error" in run for run in base_runs):
+        for result, runs in zip(results, rounds.values()):
+            if "error" not in result:
+                ratios = [run["tokens_per_second"] / base["tokens_per_second"] for run, base in zip(runs, base_runs)]
+                result["tokens_per_second_vs_baseline_by_round"] = ratios
+    baseline = next((r for r in results if r["config"] == args.baseline and "error" not in r), None)
     for result in results:
         if baseline and "error" not in result:
             result["tokens_per_second_vs_baseline"] = result["tokens_per_second"] / baseline["tokens_per_second"]
@@ -98,6 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
         "benchmark": "training tokens/s of the 8M configs through amformers.train.pretrain, data loading included",
         "command": "python bench/train_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "overhead_goal": OVERHEAD_GOAL,
+        "baseline": args.baseline,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),

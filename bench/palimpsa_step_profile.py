@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from amformers.modeling.kernels.palimpsa_cpu import cpu_kernel_unavailable
+from amformers.modeling.kernels.palimpsa_cpu import cpu_kernel_threads, cpu_kernel_unavailable
 from amformers.train.config import build_model, build_model_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,7 @@ def main(argv=None) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
         "palimpsa_memory_op": "palimpsa_chunk" if cpu_kernel_unavailable() else "palimpsa_cpu (fused C++)",
+        "cpu_ops_threads": None if cpu_kernel_unavailable() else cpu_kernel_threads(),
         "seconds_per_step": seconds,
         "palimpsa_over_attn_stream": {
             "eager": ratio("palimpsa-8m", "attn_stream-8m"),

@@ -26,6 +26,19 @@ def built_op():
         pytest.skip(f"no C++ toolchain here: {reason}")
 
 
+@pytest.mark.skipif(sys.platform == "darwin", reason="Apple's clang builds the ops without OpenMP (one thread)")
+def test_cpu_ops_run_on_torchs_threads():
+    """The C++ ops run on torch's intra-op threads. A build without OpenMP ran them on one thread whatever
+    torch.get_num_threads() said, which showed only as lost time."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert cpu_module.cpu_kernel_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_state", [False, True], ids=["zero_state", "initial_state"])
 @pytest.mark.parametrize("checkpoint_every", [8, 64])

@@ -40,23 +40,35 @@ def _build() -> str | None:
         return None  # loaded by another copy of this module (e.g. the package beside a remote-code copy)
     if not SOURCE.is_file():
         return f"its C++ source {SOURCE.name} is not beside {Path(__file__).name}"
-    try:
-        from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import load
 
-        load(
-            name=f"{LIBRARY}_{_cpu_tag()}",
-            sources=[str(SOURCE)],
-            # -fopenmp: ATen's parallel_for is OpenMP pragmas in its header; without the flag they compile away
-            # and the op runs on one thread whatever torch.get_num_threads() says.
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as error:  # no compiler, no ninja, a compile error: all mean "use the PyTorch path"
-        return f"building {SOURCE.name} failed: {type(error).__name__}: {str(error).strip()[-500:]}"
-    _register_fakes()
-    return None
+    # ATen's parallel_for is OpenMP pragmas in its header: without -fopenmp they compile away and the ops run on one
+    # thread whatever torch.get_num_threads() says. A compiler without OpenMP (Apple's clang) still gets the fused
+    # single-threaded loop, under its own library name.
+    errors = []
+    for suffix, openmp in (("", "-fopenmp"), ("_serial", "-fopenmp-simd")):
+        try:
+            load(
+                name=f"{LIBRARY}_{_cpu_tag()}{suffix}",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O3", "-march=native", openmp],
+                extra_ldflags=[openmp] if openmp == "-fopenmp" else [],
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as error:  # no compiler, no ninja, a compile error: all mean "use the PyTorch path"
+            errors.append(f"{type(error).__name__}: {str(error).strip()[-500:]}")
+            continue
+        _register_fakes()
+        return None
+    return f"building {SOURCE.name} failed: {errors[0]}"
+
+
+def cpu_kernel_threads() -> int:
+    """How many threads the C++ ops run on at torch's current setting: torch.get_num_threads() where the build
+    has OpenMP, 1 where it does not."""
+    _require_cpu_ops()
+    return getattr(torch.ops, LIBRARY).parallel_threads(1024)
 
 
 def _require_cpu_ops() -> None:
@@ -200,4 +212,4 @@ def palimpsa_cpu(
     return (o, final_state, var) if output_uncertainty else (o, final_state)
 
 
-__all__ = ["causal_conv_cpu", "cpu_kernel_unavailable", "palimpsa_cpu"]
+__all__ = ["causal_conv_cpu", "cpu_kernel_threads", "cpu_kernel_unavailable", "palimpsa_cpu"]

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <tuple>
 #include <vector>
@@ -283,6 +284,19 @@ void conv_backward_kernel(const at::Tensor& x, const at::Tensor& weight, const a
   });
 }
 
+// How many threads one parallel_for over `n` items ran on: torch.get_num_threads() (at most n) in a build with
+// OpenMP; 1 in a build without it, where ATen's parallel_for compiles to a plain serial call.
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> threads{1};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int64_t seen = at::get_thread_num() + 1;
+    int64_t known = threads.load();
+    while (known < seen && !threads.compare_exchange_weak(known, seen)) {
+    }
+  });
+  return threads.load();
+}
+
 void check(const at::Tensor& x, const char* name, const at::Tensor& like) {
   TORCH_CHECK(x.device().is_cpu(), "palimpsa_cpu: `", name, "` must be on the CPU");
   TORCH_CHECK(x.is_contiguous(), "palimpsa_cpu: `", name, "` must be contiguous");
@@ -364,6 +378,7 @@ TORCH_LIBRARY(amformers_palimpsa_cpu, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("causal_conv_forward(Tensor x, Tensor weight, Tensor bias) -> Tensor");
   m.def("causal_conv_backward(Tensor x, Tensor weight, Tensor d_z) -> (Tensor, Tensor, Tensor)");
+  m.def("parallel_threads(int n) -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(amformers_palimpsa_cpu, CPU, m) {

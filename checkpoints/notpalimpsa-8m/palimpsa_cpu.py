@@ -40,14 +40,14 @@ def _build() -> str | None:
         return None  # loaded by another copy of this module (e.g. the package beside a remote-code copy)
     if not SOURCE.is_file():
         return f"its C++ source {SOURCE.name} is not beside {Path(__file__).name}"
-    from torch.utils.cpp_extension import load
-
     # ATen's parallel_for is OpenMP pragmas in its header: without -fopenmp they compile away and the ops run on one
     # thread whatever torch.get_num_threads() says. A compiler without OpenMP (Apple's clang) still gets the fused
     # single-threaded loop, under its own library name.
     errors = []
     for suffix, openmp in (("", "-fopenmp"), ("_serial", "-fopenmp-simd")):
         try:
+            from torch.utils.cpp_extension import load  # needs setuptools: a missing one is one more reason
+
             load(
                 name=f"{LIBRARY}_{_cpu_tag()}{suffix}",
                 sources=[str(SOURCE)],
@@ -56,7 +56,7 @@ def _build() -> str | None:
                 is_python_module=False,
                 verbose=False,
             )
-        except Exception as error:  # no compiler, no ninja, a compile error: all mean "use the PyTorch path"
+        except Exception as error:  # no compiler, ninja or OpenMP, a compile error: try the next, else PyTorch's path
             errors.append(f"{type(error).__name__}: {str(error).strip()[-500:]}")
             continue
         _register_fakes()
